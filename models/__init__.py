@@ -1,0 +1,1 @@
+"""Model definitions: a validated config and an nn.Module for each family."""

@@ -1,0 +1,1 @@
+"""The common trainer: data pipeline, training loop, checkpoints, logging, entry points."""

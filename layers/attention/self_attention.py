@@ -1,0 +1,62 @@
+"""Multi-head self-attention: projections, rotary embeddings, KV cache, and a pluggable kind."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layers.attention import KINDS
+from layers.linear import lookup, make_linear
+from layers.rotary import apply_rotary
+
+
+class SelfAttention(nn.Module):
+    """q/k/v/o projections around an attention kind; grouped-query attention when n_kv_heads < n_heads."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        kind: str = "dense",
+        kind_kwargs: dict | None = None,
+        linear: str = "dense",
+        linear_kwargs: dict | None = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.layer_idx = layer_idx
+        lk = linear_kwargs or {}
+        self.q_proj = make_linear(linear, d_model, n_heads * self.head_dim, **lk)
+        self.k_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, **lk)
+        self.v_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, **lk)
+        self.o_proj = make_linear(linear, n_heads * self.head_dim, d_model, **lk)
+        self.kernel = lookup(KINDS, kind, "attention")(head_dim=self.head_dim, **(kind_kwargs or {}))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache=None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (batch, seq, d_model). `cache` is a transformers Cache (anything with update(k, v, layer_idx))."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # (batch, heads, seq, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # keys/values of every position so far
+        kw = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+        out = self.kernel(q, k, v, causal=True, **kw)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: the four projections plus the attention kind over seq_len."""
+        proj = sum(m.flops_per_token() for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        return proj + self.n_heads * self.kernel.flops_per_token(seq_len, causal=True)

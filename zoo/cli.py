@@ -1,0 +1,124 @@
+"""The `zoo` command line: list, info, generate, and (from the trainer) train, eval, publish."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  zoo list                           every catalog model
+  zoo list 'lm-*'                    glob filter
+  zoo info lm-dense-tiny             config and cost of a model
+  zoo generate runs/lm-dense-tiny/final --prompt "hacker"
+  zoo quickstart                     train lm-dense-tiny briefly, save, load back, generate
+  zoo train --help                   the trainer's flags
+"""
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:g}"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the catalog as a table."""
+    from zoo.catalog import list_models
+
+    entries = list_models(args.pattern)
+    if not entries:
+        print(f"no catalog name matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    width = max(len(e.name) for e in entries)
+    print(f"{'name':<{width}}  family  size   description")
+    for e in entries:
+        print(f"{e.name:<{width}}  {e.family:<6}  {e.size:<5}  {e.description}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a model's config and cost."""
+    from layers.kernels import describe
+    from zoo.loading import load
+
+    model = load(args.model)
+    cost = model.cost(args.seq_len)
+    print(json.dumps({"config": model.config.to_diff_dict(),
+                      "cost": {k: (_fmt(v) if k != "seq_len" else v) for k, v in cost.items()},
+                      "kernels": describe()}, indent=2, default=str))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print a continuation of the prompt."""
+    from zoo.generation import generate_text
+    from zoo.loading import load
+
+    model = load(args.model)
+    print(generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, greedy=args.greedy, seed=args.seed))
+    return 0
+
+
+def _trainer_command(module: str):
+    # The trainer sits above zoo in the import order, so it is imported only when asked for.
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `zoo`."""
+    parser = argparse.ArgumentParser(
+        prog="zoo", description="The sparse model zoo: catalog, checkpoints, generation and training.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list catalog models (optionally matching a glob)")
+    p.add_argument("pattern", nargs="?", default="*", help="glob on the name, e.g. 'lm-*' (default: all)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="show the config and cost of a catalog name, folder or Hub repo")
+    p.add_argument("model", help="catalog name, checkpoint folder or Hub repo id")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for the FLOPs figure")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="continue a prompt with a model")
+    p.add_argument("model", help="catalog name (random weights), checkpoint folder or Hub repo id")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument("--greedy", action="store_true", help="take the likeliest token every step")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.set_defaults(func=cmd_generate)
+
+    for name, module, text in (
+        ("train", "train.pretrain", "train a model (see `zoo train --help`)"),
+        ("eval", "train.evaluate", "validation loss / perplexity of a checkpoint"),
+        ("publish", "train.publish", "push a checkpoint folder to the Hugging Face Hub"),
+        ("quickstart", "train.quickstart", "train lm-dense-tiny briefly, save, load back, generate"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_trainer_command(module))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `zoo` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"zoo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

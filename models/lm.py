@@ -75,7 +75,14 @@ class ZooLMConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Checks every field; the error names the field, the value and what is allowed."""
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
+            _check(value >= 1, name, value, "must be >= 1")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
+        for name in ("attention", "mlp", "linear"):
+            _check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a kind name (a string)")
         _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
                f"must be divisible by n_heads={self.n_heads}")
         _check((self.d_model // self.n_heads) % 2 == 0, "n_heads", self.n_heads,

@@ -62,14 +62,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trainer_command(module: str):
-    # The trainer sits above zoo in the import order, so it is imported only when asked for.
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+# Commands that live in the trainer, which sits above zoo in the import order: imported only when asked for.
+TRAINER_COMMANDS = {
+    "train": ("train.pretrain", "train a model (see `zoo train --help`)"),
+    "eval": ("train.evaluate", "validation loss / perplexity of a checkpoint"),
+    "publish": ("train.publish", "push a checkpoint folder to the Hugging Face Hub"),
+    "quickstart": ("train.quickstart", "train lm-dense-tiny briefly, save, load back, generate"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,25 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_generate)
 
-    for name, module, text in (
-        ("train", "train.pretrain", "train a model (see `zoo train --help`)"),
-        ("eval", "train.evaluate", "validation loss / perplexity of a checkpoint"),
-        ("publish", "train.publish", "push a checkpoint folder to the Hugging Face Hub"),
-        ("quickstart", "train.quickstart", "train lm-dense-tiny briefly, save, load back, generate"),
-    ):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_trainer_command(module))
+    for name, (_, text) in TRAINER_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed in --help; main() dispatches them
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `zoo` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else None
     try:
+        if command in TRAINER_COMMANDS:
+            import importlib
+
+            return importlib.import_module(TRAINER_COMMANDS[command][0]).main(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"zoo {args.command}: error: {err}", file=sys.stderr)
+        print(f"zoo {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,155 @@
+"""The trainer's settings: one dataclass, filled from command-line flags and/or a YAML/JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model's own config."""
+
+    model: str = "lm-dense-tiny"  # catalog name, checkpoint folder or Hub repo id (fine-tuning)
+    model_overrides: dict = field(default_factory=dict)  # model config fields, e.g. {"n_layers": 2}
+    data: list[str] | None = None  # None: the bundled corpus; else files/globs or one Hub dataset name
+    out: str | None = None  # run folder; default runs/<model name>
+    steps: int = 300
+    batch_size: int = 16  # sequences per optimizer step, across all ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per step (on each rank)
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 20  # validation batches per evaluation (0: the whole split)
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    seed: int = 0
+    resume: str | None = None  # a run folder: continue from its newest valid checkpoint
+    wandb_project: str | None = None
+    compile: bool = False
+    fsdp: bool = False
+    device: str | None = None  # default: cuda if available, else cpu
+    val_fraction: float = 0.05
+    log_every: int = 10
+
+    def __post_init__(self):
+        checks = [
+            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("seq_len", self.seq_len >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0"),
+            ("eval_every", self.eval_every >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("keep_last", self.keep_last >= 1, ">= 1"), ("eval_batches", self.eval_batches >= 0, ">= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"), ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r} is invalid: must be {allowed}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.betas = tuple(self.betas)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (checkpoints, metrics log, final Hub checkpoint in final/)."""
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / Path(self.model.rstrip("/")).name
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every setting."""
+        return dataclasses.asdict(self)
+
+
+HELP = {
+    "model": "catalog name (fresh weights), checkpoint folder or Hub repo id to start from",
+    "data": "text/JSONL/Parquet files or globs, or a Hub dataset name (default: the bundled Jargon File)",
+    "out": "run folder (default runs/MODEL); the final Hub checkpoint goes to OUT/final",
+    "resume": "continue from the newest valid checkpoint of this run folder",
+    "wandb_project": "log to Weights & Biases (offline when no API key is set)",
+    "compile": "torch.compile the model",
+    "fsdp": "shard parameters with FSDP2 (fully_shard) instead of DDP under torchrun",
+    "grad_accum": "micro-batches per optimizer step on each rank",
+    "batch_size": "sequences per optimizer step, summed over ranks and micro-batches",
+    "eval_batches": "validation batches per evaluation (0: the whole split)",
+}
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser(prog: str = "zoo train") -> argparse.ArgumentParser:
+    """Flags of `zoo train` / `python -m train.pretrain`: one per TrainConfig field, plus --config and --set."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a zoo model with the common trainer. Runs on one process, or data-parallel "
+                    "under `torchrun --nproc-per-node N -m train.pretrain ...` with the same flags.",
+        epilog="A --config YAML/JSON file may give any flag by its field name (e.g. batch_size: 32); "
+               "flags on the command line win.")
+    parser.add_argument("model", nargs="?", default=None, help=HELP["model"] + " (default lm-dense-tiny)")
+    parser.add_argument("--config", help="YAML or JSON file of settings")
+    parser.add_argument("--set", dest="model_overrides", action="append", metavar="FIELD=VALUE", default=None,
+                        help="override a model config field, e.g. --set n_layers=2 (repeatable)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model", "model_overrides"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=HELP.get(f.name, ""))
+        elif f.name == "data":
+            parser.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
+        elif f.name == "betas":
+            parser.add_argument(flag, nargs=2, type=float, default=None, help=f"AdamW betas (default {default})")
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=None, help=HELP.get(f.name, f"(default {default})"))
+    return parser
+
+
+def parse_args(argv: list[str] | None, prog: str = "zoo train") -> TrainConfig:
+    """TrainConfig from argv: defaults < --config file < command-line flags."""
+    args = build_parser(prog).parse_args(argv)
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
+    for key, value in vars(args).items():
+        if key in ("config",) or value is None:
+            continue
+        if key == "model_overrides":
+            pairs = {}
+            for item in value:
+                if "=" not in item:
+                    raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+                k, v = item.split("=", 1)
+                pairs[k] = _parse_value(v)
+            value = {**values.get("model_overrides", {}), **pairs}
+        values[key] = value
+    return TrainConfig(**values)

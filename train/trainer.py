@@ -1,0 +1,359 @@
+"""The common training loop: one process or many (torchrun), resumable, logged, and published at the end.
+
+Read top to bottom: `Trainer.__init__` sets up (distributed, data, model, optimizer, resume),
+`Trainer.run` loops over optimizer steps, `Trainer.step` is one step, the rest is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import TrainConfig
+from train.data import load_token_data
+from train.evaluate import evaluate_lm
+from train.mfu import measure_matmul_flops, mfu
+
+
+def _say(message: str) -> None:
+    """A status line on stderr that does not break the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the torchrun process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings."""
+    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to cfg.min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy of a (batch, seq_len+1) block, and the aux losses the layers reported."""
+    out = model(input_ids=batch[:, :-1])
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    return ce, dict(out.aux_losses or {})
+
+
+class Trainer:
+    """Trains one zoo model by the settings of a TrainConfig."""
+
+    def __init__(self, cfg: TrainConfig):
+        from zoo import load  # zoo sits below train in the import order
+
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg.device)
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        if cfg.batch_size % self.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not divide across {self.world} ranks")
+        if (cfg.batch_size // self.world) % cfg.grad_accum:
+            raise ValueError(f"the per-rank batch {cfg.batch_size // self.world} does not divide into "
+                             f"--grad-accum {cfg.grad_accum} micro-batches")
+        torch.manual_seed(cfg.seed)  # fresh weights are a function of the seed, the same on every rank
+        self.model = load(cfg.model, **cfg.model_overrides)
+        max_len = self.model.config.max_seq_len
+        if cfg.seq_len > max_len:
+            raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's context (max_seq_len={max_len}); "
+                             f"lower --seq-len or pass --set max_seq_len={cfg.seq_len}")
+        self.data = load_token_data(cfg.data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction)
+        self.model.to(self.device).train()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas, fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step_done = 0
+        self.last_checkpoint: Path | None = None
+        self.metrics: dict = {}
+        if cfg.resume:
+            self._resume(Path(cfg.resume))
+        self.train_model = self._wrap(self.model)
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.cost = self.model.cost(cfg.seq_len)
+        self.stop_requested = False
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.world > 1 and self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        elif self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    def _resume(self, run_dir: Path) -> None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            if self.is_main:
+                _say(f"--resume {run_dir}: no valid checkpoint there; starting from step 0")
+            return
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                map_location=self.device)
+        self.step_done = state.step
+        self.metrics = dict(state.metrics)
+        self.last_checkpoint = path
+        if self.is_main:
+            self._truncate_log(state.step)
+            _say(f"resumed from {path} (step {state.step})")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to cfg.steps, evaluating, checkpointing and logging on the way; returns the summary."""
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.wandb = self._start_wandb() if cfg.wandb_project and self.is_main else None
+        peak = measure_matmul_flops(self.device) if self.is_main else 0.0
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = tqdm(total=cfg.steps, initial=self.step_done, disable=not self.is_main, dynamic_ncols=True,
+                   desc=Path(cfg.model).name, unit="step")
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        start_step, start_time = self.step_done, time.perf_counter()
+        try:
+            while self.step_done < cfg.steps:
+                record = self.step()
+                self.step_done += 1
+                elapsed = time.perf_counter() - start_time
+                record["tokens_per_s"] = (self.step_done - start_step) * tokens_per_step / elapsed
+                if self.step_done % cfg.eval_every == 0 or self.step_done == cfg.steps:
+                    record.update(self.evaluate())
+                self.metrics.update(record)
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                bar.update(1)
+                if self.step_done % cfg.checkpoint_every == 0 or self.step_done == cfg.steps:
+                    self.checkpoint()
+                if self._should_stop():
+                    if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step_done:06d}"):
+                        self.checkpoint()
+                    if self.is_main:
+                        _say(f"interrupted: saved {self.last_checkpoint}; continue with --resume {self.run_dir}")
+                    return {"interrupted": True, "step": self.step_done, "checkpoint": str(self.last_checkpoint)}
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+        elapsed = time.perf_counter() - start_time
+        tokens_per_s = (self.step_done - start_step) * tokens_per_step / max(elapsed, 1e-9)
+        summary = {**self.metrics, "steps": self.step_done, "tokens": self.step_done * tokens_per_step,
+                   "tokens_per_s": tokens_per_s, "seconds": elapsed, "world_size": self.world,
+                   "device": self._device_name(),
+                   "mfu": mfu(tokens_per_s, self.cost["flops_per_token"], peak) if peak else None,
+                   "peak_matmul_flops": peak}
+        if self.is_main:
+            summary["final"] = str(self.save_final(summary))
+            self._log({"summary": summary})
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            self.wandb.finish()
+        return summary
+
+    def step(self) -> dict:
+        """One optimizer step over this rank's share of global batch number self.step_done."""
+        cfg = self.cfg
+        batch = self.data.train_batch(self.step_done, cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                      world_size=self.world).to(self.device)
+        micro_batches = batch.chunk(cfg.grad_accum)
+        totals: dict[str, float] = {}
+        for i, micro in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            ctx = self.train_model.no_sync() if (not sync and hasattr(self.train_model, "no_sync")) else _null()
+            with ctx, torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                ce, aux = lm_loss(self.train_model, micro)
+                loss = ce + sum(aux.values())
+            (loss / cfg.grad_accum).backward()
+            for name, value in {"loss": ce, "total_loss": loss, **aux}.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float().item() / cfg.grad_accum
+        totals = self._mean_over_ranks(totals)
+        if not all(math.isfinite(v) for v in totals.values()):
+            where = self.last_checkpoint or "none yet"
+            raise TrainingDiverged(f"the loss is {totals['total_loss']} at step {self.step_done + 1}; nothing was "
+                                   f"saved after it. Last good checkpoint: {where}. Lower --lr or raise "
+                                   f"--warmup-steps, then --resume {self.run_dir}")
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return {"step": self.step_done + 1, **totals, "grad_norm": float(norm), "lr": lr}
+
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity (every rank computes the same numbers)."""
+        return evaluate_lm(self.train_model, self.data, self.cfg.batch_size, self.cfg.eval_batches,
+                           self.device, self.autocast)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Save a resumable checkpoint of the state after self.step_done steps (rank 0 writes)."""
+        model_state = self._full_state_dict()
+        if self.is_main:
+            model = self.model
+            if model_state is not None:  # FSDP: gathered full weights, saved through a plain module
+                model = _StateDictView(model_state)
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir, self.step_done, model=model, optimizer=self.optimizer if self.world == 1 or
+                not self.cfg.fsdp else None, scheduler=self.scheduler,
+                data_state={"next_step": self.step_done, "seed": self.cfg.seed},
+                config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()},
+                metrics=self.metrics, keep_last=self.cfg.keep_last)
+        self._barrier()
+
+    def save_final(self, summary: dict) -> Path:
+        """Write the Hub checkpoint (config, safetensors, model card) to RUN/final, atomically."""
+        final = self.run_dir / "final"
+        tmp = self.run_dir / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        training = {
+            "data": ", ".join(self.cfg.data) if self.cfg.data else "the bundled Jargon File 4.4.7 (public domain)",
+            "steps": summary["steps"], "tokens": summary["tokens"],
+            "batch_size": self.cfg.batch_size, "seq_len": self.cfg.seq_len, "lr": self.cfg.lr,
+            "hardware": f"{summary['device']} x {self.world}",
+            "final metrics": {k: round(v, 5) for k, v in summary.items()
+                              if k in ("loss", "val_loss", "val_ppl", "tokens_per_s") and v is not None},
+        }
+        self.model.save_pretrained(tmp, training=training)
+        if final.exists():
+            old = self.run_dir / f".old-final-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        return final
+
+    # ---- logging -------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "step" in record and (record["step"] % self.cfg.log_every == 0 or "val_loss" in record):
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if self.wandb is not None and "step" in record:
+            self.wandb.log(record, step=record["step"])
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines of steps after `step` (written by the run that crashed before its next checkpoint)."""
+        log = self.run_dir / "metrics.jsonl"
+        if log.exists():
+            keep = [line for line in log.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step and "summary" not in json.loads(line)]
+            log.write_text("".join(line + "\n" for line in keep))
+
+    def _start_wandb(self):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), id=run_id, resume="allow",
+                          mode=mode, config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()})
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    # ---- distributed helpers -------------------------------------------------------------------
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world for k, v in zip(values, t.tolist(), strict=False)}
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _full_state_dict(self) -> dict | None:
+        if not (self.world > 1 and self.cfg.fsdp):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        if self.is_main:
+            _say("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
+
+    def _should_stop(self) -> bool:
+        flag = self.stop_requested
+        if self.world > 1:  # every rank must stop at the same step
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+
+class _StateDictView(nn.Module):
+    """A module whose state_dict is a given dict (to save FSDP's gathered weights)."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return self._state
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

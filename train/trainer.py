@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -102,48 +103,55 @@ class Trainer:
                              f"lower --seq-len or pass --set max_seq_len={cfg.seq_len}")
         self.data = load_token_data(cfg.data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction)
         self.model.to(self.device).train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=cfg.betas, fused=self.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.fsdp = self.world > 1 and cfg.fsdp
         self.step_done = 0
         self.last_checkpoint: Path | None = None
         self.metrics: dict = {}
-        if cfg.resume:
-            self._resume(Path(cfg.resume))
-        self.train_model = self._wrap(self.model)
+        resume_from = self._find_resume_point(Path(cfg.resume)) if cfg.resume else None
+        if self.fsdp:
+            # fully_shard replaces the parameters by shards: restore whole weights before sharding,
+            # and build the optimizer on the shards after.
+            if resume_from:
+                self._restore(resume_from, with_optimizer=False)
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas, fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        if resume_from and not self.fsdp:
+            self._restore(resume_from, with_optimizer=True)
+        elif resume_from:
+            self.scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        self.train_model = self.model
+        if self.world > 1 and not self.fsdp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.cost = self.model.cost(cfg.seq_len)
         self.stop_requested = False
 
     # ---- setup -------------------------------------------------------------------------------
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.world > 1 and self.cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-        elif self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.cfg.compile:
-            model = torch.compile(model)
-        return model
-
-    def _resume(self, run_dir: Path) -> None:
+    def _find_resume_point(self, run_dir: Path) -> Path | None:
         path = latest_checkpoint(run_dir)
-        if path is None:
-            if self.is_main:
-                _say(f"--resume {run_dir}: no valid checkpoint there; starting from step 0")
-            return
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                map_location=self.device)
+        if path is None and self.is_main:
+            _say(f"--resume {run_dir}: no valid checkpoint there; starting from step 0")
+        return path
+
+    def _restore(self, path: Path, with_optimizer: bool) -> None:
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer if with_optimizer else None,
+                                scheduler=self.scheduler if with_optimizer else None, map_location=self.device)
         self.step_done = state.step
         self.metrics = dict(state.metrics)
         self.last_checkpoint = path
         if self.is_main:
             self._truncate_log(state.step)
-            _say(f"resumed from {path} (step {state.step})")
+            _say(f"resumed from {path} (step {state.step})"
+                 + ("" if with_optimizer else "; under --fsdp the AdamW moments start afresh"))
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -190,8 +198,9 @@ class Trainer:
                    "device": self._device_name(),
                    "mfu": mfu(tokens_per_s, self.cost["flops_per_token"], peak) if peak else None,
                    "peak_matmul_flops": peak}
+        model = self._unsharded_model()
         if self.is_main:
-            summary["final"] = str(self.save_final(summary))
+            summary["final"] = str(self.save_final(model, summary))
             self._log({"summary": summary})
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -235,20 +244,17 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Save a resumable checkpoint of the state after self.step_done steps (rank 0 writes)."""
-        model_state = self._full_state_dict()
+        model = self._unsharded_model()  # collective under FSDP: every rank takes part
         if self.is_main:
-            model = self.model
-            if model_state is not None:  # FSDP: gathered full weights, saved through a plain module
-                model = _StateDictView(model_state)
+            # Under FSDP the optimizer state is sharded; it is not saved (resume restarts the moments).
             self.last_checkpoint = save_checkpoint(
-                self.run_dir, self.step_done, model=model, optimizer=self.optimizer if self.world == 1 or
-                not self.cfg.fsdp else None, scheduler=self.scheduler,
-                data_state={"next_step": self.step_done, "seed": self.cfg.seed},
+                self.run_dir, self.step_done, model=model, optimizer=None if self.fsdp else self.optimizer,
+                scheduler=self.scheduler, data_state={"next_step": self.step_done, "seed": self.cfg.seed},
                 config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()},
                 metrics=self.metrics, keep_last=self.cfg.keep_last)
         self._barrier()
 
-    def save_final(self, summary: dict) -> Path:
+    def save_final(self, model: nn.Module, summary: dict) -> Path:
         """Write the Hub checkpoint (config, safetensors, model card) to RUN/final, atomically."""
         final = self.run_dir / "final"
         tmp = self.run_dir / f".tmp-final-{os.getpid()}"
@@ -261,7 +267,7 @@ class Trainer:
             "final metrics": {k: round(v, 5) for k, v in summary.items()
                               if k in ("loss", "val_loss", "val_ppl", "tokens_per_s") and v is not None},
         }
-        self.model.save_pretrained(tmp, training=training)
+        model.save_pretrained(tmp, training=training)
         if final.exists():
             old = self.run_dir / f".old-final-{os.getpid()}"
             final.rename(old)
@@ -295,7 +301,7 @@ class Trainer:
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), id=run_id, resume="allow",
                           mode=mode, config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()})
@@ -317,12 +323,17 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _full_state_dict(self) -> dict | None:
-        if not (self.world > 1 and self.cfg.fsdp):
-            return None
+    def _unsharded_model(self) -> nn.Module:
+        """The model with whole weights: itself, or under FSDP a copy built from the gathered weights."""
+        if not self.fsdp:
+            return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        copy = type(self.model)(self.model.config)
+        if self.is_main:
+            copy.load_state_dict(full)
+        return copy
 
     def _on_sigint(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now
@@ -338,17 +349,6 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
-
-
-class _StateDictView(nn.Module):
-    """A module whose state_dict is a given dict (to save FSDP's gathered weights)."""
-
-    def __init__(self, state: dict):
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *args, **kwargs):
-        return self._state
 
 
 class _null:

@@ -26,6 +26,9 @@ from layers.rotary import RotaryEmbedding
 from models.base import ZooPreTrainedModel
 
 
+LINEAR_TARGETS = ("mlp", "attn", "all")
+
+
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"config field {name!r} = {value!r} is invalid: {allowed}")
@@ -59,6 +62,7 @@ class ZooLMConfig(PreTrainedConfig):
     mlp_kwargs: dict = field(default_factory=dict)
     linear: str = "dense"
     linear_kwargs: dict = field(default_factory=dict)
+    linear_targets: str = "all"  # which projections use the linear kind: "mlp", "attn" or "all"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -89,6 +93,8 @@ class ZooLMConfig(PreTrainedConfig):
                f"head_dim = d_model / n_heads = {self.d_model / self.n_heads:g} must be even (rotary embeddings)")
         _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                f"must divide n_heads={self.n_heads}")
+        _check(self.linear_targets in LINEAR_TARGETS, "linear_targets", self.linear_targets,
+               f"one of {LINEAR_TARGETS}")
         for name, registry in (("attention", attention.KINDS), ("mlp", mlp.KINDS), ("linear", linear.KINDS)):
             _check(getattr(self, name) in registry, name, getattr(self, name), f"known kinds: {sorted(registry)}")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -101,11 +107,14 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: ZooLMConfig, layer_idx: int):
         super().__init__()
         c = config
+        # The linear kind replaces nn.Linear in the projections that linear_targets names.
+        attn_linear = (c.linear, c.linear_kwargs) if c.linear_targets in ("attn", "all") else ("dense", {})
+        mlp_linear = (c.linear, c.linear_kwargs) if c.linear_targets in ("mlp", "all") else ("dense", {})
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = SelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.attention, c.attention_kwargs,
-                                  c.linear, c.linear_kwargs, layer_idx=layer_idx)
+                                  *attn_linear, layer_idx=layer_idx)
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=c.linear, linear_kwargs=c.linear_kwargs,
+        self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear[0], linear_kwargs=mlp_linear[1],
                                     **c.mlp_kwargs)
 
     def forward(self, x, cos, sin, cache=None, key_padding_mask=None):

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
-from train.data import load_token_data
-from train.evaluate import evaluate_lm
 from train.mfu import measure_matmul_flops, mfu
+from train.tasks import make_task
 
 
 def _say(message: str) -> None:
@@ -73,13 +71,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross-entropy of a (batch, seq_len+1) block, and the aux losses the layers reported."""
-    out = model(input_ids=batch[:, :-1])
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-    return ce, dict(out.aux_losses or {})
-
-
 class Trainer:
     """Trains one zoo model by the settings of a TrainConfig."""
 
@@ -97,11 +88,7 @@ class Trainer:
                              f"--grad-accum {cfg.grad_accum} micro-batches")
         torch.manual_seed(cfg.seed)  # fresh weights are a function of the seed, the same on every rank
         self.model = load(cfg.model, **cfg.model_overrides)
-        max_len = self.model.config.max_seq_len
-        if cfg.seq_len > max_len:
-            raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's context (max_seq_len={max_len}); "
-                             f"lower --seq-len or pass --set max_seq_len={cfg.seq_len}")
-        self.data = load_token_data(cfg.data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction)
+        self.task = make_task(cfg, self.model)  # batches, loss and evaluation for this model's family
         self.model.to(self.device).train()
         self.fsdp = self.world > 1 and cfg.fsdp
         self.step_done = 0
@@ -115,7 +102,7 @@ class Trainer:
                 self._restore(resume_from, with_optimizer=False)
             from torch.distributed.fsdp import fully_shard
 
-            for block in self.model.blocks:
+            for block in getattr(self.model, "blocks", []):
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
@@ -132,7 +119,6 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        self.cost = self.model.cost(cfg.seq_len)
         self.stop_requested = False
 
     # ---- setup -------------------------------------------------------------------------------
@@ -165,7 +151,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(total=cfg.steps, initial=self.step_done, disable=not self.is_main, dynamic_ncols=True,
                    desc=Path(cfg.model).name, unit="step")
-        tokens_per_step = cfg.batch_size * cfg.seq_len
+        tokens_per_step = self.task.items_per_step
         start_step, start_time = self.step_done, time.perf_counter()
         try:
             while self.step_done < cfg.steps:
@@ -196,7 +182,7 @@ class Trainer:
         summary = {**self.metrics, "steps": self.step_done, "tokens": self.step_done * tokens_per_step,
                    "tokens_per_s": tokens_per_s, "seconds": elapsed, "world_size": self.world,
                    "device": self._device_name(),
-                   "mfu": mfu(tokens_per_s, self.cost["flops_per_token"], peak) if peak else None,
+                   "mfu": mfu(tokens_per_s, self.task.flops_per_item, peak) if peak else None,
                    "peak_matmul_flops": peak}
         model = self._unsharded_model()
         if self.is_main:
@@ -210,15 +196,14 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer step over this rank's share of global batch number self.step_done."""
         cfg = self.cfg
-        batch = self.data.train_batch(self.step_done, cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                      world_size=self.world).to(self.device)
+        batch = self.task.batch(self.step_done, self.rank, self.world).to(self.device)
         micro_batches = batch.chunk(cfg.grad_accum)
         totals: dict[str, float] = {}
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             ctx = self.train_model.no_sync() if (not sync and hasattr(self.train_model, "no_sync")) else _null()
             with ctx, torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                ce, aux = lm_loss(self.train_model, micro)
+                ce, aux = self.task.loss(self.train_model, micro)
                 loss = ce + sum(aux.values())
             (loss / cfg.grad_accum).backward()
             for name, value in {"loss": ce, "total_loss": loss, **aux}.items():
@@ -238,8 +223,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity (every rank computes the same numbers)."""
-        return evaluate_lm(self.train_model, self.data, self.cfg.batch_size, self.cfg.eval_batches,
-                           self.device, self.autocast)
+        return self.task.evaluate(self.train_model, self.device, self.autocast)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -260,7 +244,7 @@ class Trainer:
         tmp = self.run_dir / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         training = {
-            "data": ", ".join(self.cfg.data) if self.cfg.data else "the bundled Jargon File 4.4.7 (public domain)",
+            "data": self.task.description,
             "steps": summary["steps"], "tokens": summary["tokens"],
             "batch_size": self.cfg.batch_size, "seq_len": self.cfg.seq_len, "lr": self.cfg.lr,
             "hardware": f"{summary['device']} x {self.world}",

@@ -177,7 +177,7 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import train.trainer as trainer_module
+    import train.tasks as trainer_module
 
     real = trainer_module.lm_loss
     calls = {"n": 0}

@@ -45,8 +45,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model = load(args.model)
     cost = model.cost(args.seq_len)
-    print(json.dumps({"config": model.config.to_diff_dict(),
-                      "cost": {k: (_fmt(v) if k != "seq_len" else v) for k, v in cost.items()},
+    # Exact numbers under "cost" (for scripts), rounded ones under "cost_readable" (for people).
+    print(json.dumps({"config": model.config.to_diff_dict(), "cost": cost,
+                      "cost_readable": {k: (_fmt(v) if k != "seq_len" else v) for k, v in cost.items()},
                       "kernels": describe()}, indent=2, default=str))
     return 0
 
@@ -68,6 +69,7 @@ TRAINER_COMMANDS = {
     "eval": ("train.evaluate", "validation loss / perplexity of a checkpoint"),
     "publish": ("train.publish", "push a checkpoint folder to the Hugging Face Hub"),
     "quickstart": ("train.quickstart", "train lm-dense-tiny briefly, save, load back, generate"),
+    "convert": ("train.convert", "convert a checkpoint to another kind (e.g. --to moe, --to monarch)"),
 }
 
 

@@ -40,7 +40,7 @@ def load(name_or_path: str, *, revision: str | None = None, force_download: bool
         return load_checkpoint(folder, **overrides)
     config_cls, model_cls = FAMILIES[entry.family]
     config = make_config(config_cls, {**entry.config, "zoo_name": entry.name}, overrides, where=entry.name)
-    return model_cls(config).eval()
+    return build_model(model_cls, config, where=entry.name).eval()
 
 
 def _fields(config_cls) -> set[str]:
@@ -59,6 +59,14 @@ def make_config(config_cls, fields: dict, overrides: dict, where: str):
         return config_cls(**{**fields, **overrides})
     except (StrictDataclassError, ValueError, TypeError) as err:
         raise ValueError(f"invalid config for {where}: {err}") from err
+
+
+def build_model(model_cls, config, where: str):
+    """model_cls(config); a config that validates but cannot be built is a ValueError naming `where`."""
+    try:
+        return model_cls(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot build {model_cls.__name__} from {where}: {err}") from err
 
 
 def read_config(folder: Path, **overrides):
@@ -101,7 +109,9 @@ def load_checkpoint(folder: str | Path, **overrides):
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-    model = FAMILIES[family][1](config)
+    # What the weights are checked against: config.json, as changed by the overrides if any.
+    against = f"{folder / CONFIG_FILE}" + (f" with the overrides {overrides}" if overrides else "")
+    model = build_model(FAMILIES[family][1], config, where=against)
     expected = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         for target in getattr(model, "_tied_weights_keys", {}) or {}:
@@ -110,11 +120,11 @@ def load_checkpoint(folder: str | Path, **overrides):
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match {folder / CONFIG_FILE}: missing tensors {missing[:8]}, "
+        raise ValueError(f"{weights} does not match {against}: missing tensors {missing[:8]}, "
                          f"unexpected tensors {unexpected[:8]}")
     for key, tensor in tensors.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)} but the config "
+            raise ValueError(f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)} but {against} "
                              f"needs {tuple(expected[key].shape)}")
     with torch.no_grad():
         for key, param in expected.items():

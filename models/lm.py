@@ -25,7 +25,6 @@ from layers.norm import RMSNorm
 from layers.rotary import RotaryEmbedding
 from models.base import ZooPreTrainedModel
 
-
 LINEAR_TARGETS = ("mlp", "attn", "all")
 
 
@@ -68,6 +67,22 @@ class ZooLMConfig(PreTrainedConfig):
     init_std: float = 0.02
     tie_word_embeddings: bool = True
     zoo_name: str | None = None  # the catalog entry this config came from, if any
+    # ---- Mixture of Experts: read only when mlp == "moe" (transformers' names where it has one) ----
+    num_local_experts: int = 8  # routed experts per MoE layer
+    num_experts_per_tok: int = 2  # k of top-k routing; for moe_router="top_p", the most experts a token may use
+    num_experts_per_tok_by_layer: list[int] | None = None  # per-layer k, overriding num_experts_per_tok
+    moe_router: str = "softmax_topk"  # "softmax_topk" (Mixtral), "sigmoid_topk" (DeepSeek-V3), "top_p"
+    moe_top_p: float = 0.5  # top_p router: the smallest expert set whose probability mass reaches this
+    moe_min_experts_per_tok: int = 1  # top_p router: at least this many experts per token
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    moe_granularity: int = 1  # fine-grained experts: expert width = d_ff / moe_granularity
+    n_shared_experts: int = 0  # always-on experts of the expert width (DeepSeek-MoE)
+    moe_capacity_factor: float | None = None  # None: dropless; else each expert takes <= factor * tokens * k / E
+    router_jitter_noise: float = 0.0  # training: router input scaled by U(1 - noise, 1 + noise)
+    router_aux_loss_coef: float = 0.01  # weight of the switch load-balancing loss, per MoE layer
+    router_z_loss_coef: float = 0.001  # weight of the router z-loss, per MoE layer
+    moe_entropy_loss_coef: float = 0.0  # weight of the router-entropy loss (keeps top-p routing sparse)
+    moe_bias_update_rate: float = 0.001  # sigmoid_topk router: step of the balance bias per training step
 
     def __post_init__(self, **kwargs):
         if self.n_kv_heads is None:
@@ -99,6 +114,57 @@ class ZooLMConfig(PreTrainedConfig):
             _check(getattr(self, name) in registry, name, getattr(self, name), f"known kinds: {sorted(registry)}")
         for name in ("rope_theta", "norm_eps", "init_std"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        if self.mlp == "moe":
+            self._validate_moe()
+
+    def _validate_moe(self):
+        """Checks the Mixture-of-Experts fields (only when mlp == "moe")."""
+        from layers.moe import ROUTERS
+
+        for name in ("num_local_experts", "num_experts_per_tok", "moe_min_experts_per_tok", "moe_granularity",
+                     "n_shared_experts"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
+        e, k = self.num_local_experts, self.num_experts_per_tok
+        _check(e >= 1, "num_local_experts", e, "must be >= 1")
+        _check(1 <= k <= e, "num_experts_per_tok", k, f"must be in [1, num_local_experts={e}]")
+        _check(self.moe_router in ROUTERS, "moe_router", self.moe_router, f"known routers: {sorted(ROUTERS)}")
+        if self.num_experts_per_tok_by_layer is not None:
+            by_layer = self.num_experts_per_tok_by_layer
+            _check(len(by_layer) == self.n_layers, "num_experts_per_tok_by_layer", by_layer,
+                   f"must list one k per layer (n_layers={self.n_layers})")
+            for value in by_layer:
+                _check(isinstance(value, int) and 1 <= value <= e, "num_experts_per_tok_by_layer", by_layer,
+                       f"every k must be an integer in [1, num_local_experts={e}]")
+        top_p = self.moe_top_p
+        _check(isinstance(top_p, (int, float)) and 0 < top_p <= 1, "moe_top_p", top_p, "must be in (0, 1]")
+        min_k = self.moe_min_experts_per_tok
+        _check(1 <= min_k <= min([k, *(self.num_experts_per_tok_by_layer or [])]), "moe_min_experts_per_tok",
+               min_k, "must be in [1, num_experts_per_tok] (top_p routing uses between these many experts)")
+        g = self.moe_granularity
+        _check(g >= 1 and self.d_ff % g == 0, "moe_granularity", g,
+               f"must be >= 1 and divide d_ff={self.d_ff} (expert width = d_ff / moe_granularity)")
+        _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
+        cf = self.moe_capacity_factor
+        _check(cf is None or (isinstance(cf, (int, float)) and cf > 0), "moe_capacity_factor", cf,
+               "must be None (dropless) or > 0")
+        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "moe_entropy_loss_coef", "moe_bias_update_rate"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value >= 0, name, value, "must be a number >= 0")
+
+    def moe_layer_kwargs(self, layer_idx: int) -> dict:
+        """The MoE fields as keyword arguments of layers.moe.MoEMLP for layer `layer_idx`."""
+        k = self.num_experts_per_tok
+        if self.num_experts_per_tok_by_layer is not None:
+            k = self.num_experts_per_tok_by_layer[layer_idx]
+        return dict(num_experts=self.num_local_experts, num_experts_per_tok=k, router=self.moe_router,
+                    top_p=self.moe_top_p, min_experts_per_tok=self.moe_min_experts_per_tok,
+                    renormalize=self.norm_topk_prob, granularity=self.moe_granularity,
+                    n_shared_experts=self.n_shared_experts, capacity_factor=self.moe_capacity_factor,
+                    jitter=self.router_jitter_noise, balance_loss_weight=self.router_aux_loss_coef,
+                    z_loss_weight=self.router_z_loss_coef, entropy_loss_weight=self.moe_entropy_loss_coef,
+                    bias_update_rate=self.moe_bias_update_rate)
 
 
 class DecoderBlock(nn.Module):
@@ -114,8 +180,9 @@ class DecoderBlock(nn.Module):
         self.attn = SelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.attention, c.attention_kwargs,
                                   *attn_linear, layer_idx=layer_idx)
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        mlp_kwargs = {**c.moe_layer_kwargs(layer_idx), **c.mlp_kwargs} if c.mlp == "moe" else c.mlp_kwargs
         self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear[0], linear_kwargs=mlp_linear[1],
-                                    **c.mlp_kwargs)
+                                    **mlp_kwargs)
 
     def forward(self, x, cos, sin, cache=None, key_padding_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, key_padding_mask=key_padding_mask)

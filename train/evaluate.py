@@ -43,12 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-batches", type=int, default=0, help="0: the whole validation split")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="must match the training run's")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # an SAE checkpoint takes more flags (train.sae_eval)
 
     from train.data import load_token_data
     from zoo import load
 
     model = load(args.model)
+    if model.config.model_type == "zoo_sae":
+        from train.sae_eval import main as evaluate_sae
+
+        return evaluate_sae(argv, model=model)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     seq_len = args.seq_len or min(model.config.max_seq_len, 256)
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")

@@ -10,9 +10,10 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from models.lm import ZooLM, ZooLMConfig
+from models.sae import SAE, SAEConfig
 
 # family -> (config class, model class). A checkpoint's config.json `model_type` picks the same pair.
-FAMILIES: dict[str, tuple[type, type]] = {"lm": (ZooLMConfig, ZooLM)}
+FAMILIES: dict[str, tuple[type, type]] = {"lm": (ZooLMConfig, ZooLM), "sae": (SAEConfig, SAE)}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,13 @@ def forward_check(family: str, model) -> None:
             logits = model(ids).logits
         assert logits.shape == (2, SEQ, model.config.vocab_size)
         assert torch.isfinite(logits).all()
+    elif family == "sae":
+        x = torch.randn(2, SEQ, model.config.d_in, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            latents = model.encode(x)
+            x_hat = model.decode(latents)
+        assert latents.shape == (2, SEQ, model.config.d_sae)
+        assert x_hat.shape == x.shape and torch.isfinite(x_hat).all()
     else:
         pytest.fail(f"tests/zoo/test_catalog.py has no forward check for family {family!r}: add one")
 

@@ -21,3 +21,10 @@ def register_converter(name: str) -> Callable:
         return fn
 
     return add
+
+
+from zoo.convert import structured  # noqa: E402,F401
+
+# isort: split
+from zoo.convert import moe  # noqa: E402,F401
+from zoo.convert.moe import moe_from_transformers  # noqa: E402,F401

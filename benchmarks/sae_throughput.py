@@ -1,0 +1,139 @@
+"""SAE training throughput (issue 7): a TopK SAE in our Trainer against SAELens's TopK trainer, one run.
+
+Both train a TopK SAE (d_in 512, 16x expansion, k 32, batch 4096 activations, fp32, Adam(W), grad
+clipping 1.0, a LR schedule) on the same activations, read from the same on-disk store: our side is
+`train.trainer.Trainer` on the catalog entry `sae-topk-tiny` with overrides (SAETask reads the store
+that it harvested from the source LM), SAELens's side is `sae_lens.training.sae_trainer.SAETrainer`
+stepping `TopKTrainingSAE` on batches of that store (SAELens defaults: dense decode; also its
+`use_sparse_activations=True` variant). The sides alternate in windows (ours, SAELens, SAELens-sparse,
+then rotated), each after warm-up steps; each window reports activations/s; the table gives medians.
+
+The source LM is lm-dense-tiny at d_model 512 with fresh (seeded) weights: throughput does not depend
+on what the activations mean, and no trained 512-wide LM exists in the catalog.
+
+    python benchmarks/sae_throughput.py                     # 3 rounds x 8 timed steps per side
+    python benchmarks/sae_throughput.py --rounds 5 --json /tmp/sae_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from train.config import parse_args
+from train.trainer import Trainer
+from zoo import load
+
+
+def _window(step, steps: int) -> dict:
+    """Run `steps` calls of step(); wall seconds, this process's CPU seconds and the load average around it."""
+    load_before = os.getloadavg()[0]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        step()
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "cpu": time.process_time() - cpu0, "load": (load_before + os.getloadavg()[0]) / 2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a Markdown table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-in", type=int, default=512)
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sequences", type=int, default=16, help="sequences per step: batch = sequences * seq_len")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per window")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each window")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--work", default="/tmp/sae-bench-throughput", help="folder for the source LM and runs")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    args = p.parse_args(argv)
+
+    from sae_lens import __version__ as sae_lens_version
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    work = Path(args.work)
+    d_sae, batch = args.d_in * args.expansion, args.sequences * args.seq_len
+    total_steps = args.rounds * (args.steps + args.warmup) + 1
+    source = work / f"lm-d{args.d_in}"
+    if not (source / "model.safetensors").exists():
+        torch.manual_seed(0)
+        load("lm-dense-tiny", d_model=args.d_in, n_heads=8).save_pretrained(source)
+
+    # ---- ours: the common Trainer on the catalog entry, its SAETask harvesting the store -------------------
+    cfg = parse_args(["sae-topk-tiny", "--set", f"source_model={source}", "--set", f"d_in={args.d_in}",
+                      "--set", f"d_sae={d_sae}", "--set", f"k={args.k}", "--set", "hook_point=blocks.0",
+                      "--seq-len", str(args.seq_len), "--batch-size", str(args.sequences),
+                      "--steps", str(total_steps), "--lr", str(args.lr), "--warmup-steps", "5",
+                      "--out", str(work / "ours"), "--eval-batches", "1"])
+    start = time.perf_counter()
+    ours = Trainer(cfg)
+    print(f"our Trainer ready in {time.perf_counter() - start:.0f} s (includes the harvest, cached after)")
+    store = ours.task.train
+
+    def our_step():
+        ours.step()
+        ours.step_done += 1
+
+    # ---- SAELens: its trainer on the same store's batches -------------------------------------------------
+    def lens_trainer(sparse: bool):
+        torch.manual_seed(0)
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_in, d_sae=d_sae, k=args.k,
+                                                     use_sparse_activations=sparse))
+        trainer_cfg = SAETrainerConfig(total_training_samples=total_steps * batch, train_batch_size_samples=batch,
+                                       lr=args.lr, lr_warm_up_steps=5, lr_scheduler_name="constant",
+                                       logger=LoggingConfig(log_to_wandb=False))
+        batches = (store.batch(s, batch, seed=0) for s in range(10**9))
+        trainer = SAETrainer(trainer_cfg, sae, data_provider=batches)
+        trainer.sae.to("cpu")
+
+        def step():
+            trainer.step(next(batches))
+            trainer.n_training_steps += 1
+        return step
+
+    sides = {"ours (Trainer + SAETask)": our_step, "SAELens SAETrainer (dense)": lens_trainer(False),
+             "SAELens SAETrainer (use_sparse_activations)": lens_trainer(True)}
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            _window(sides[name], args.warmup)
+            w = _window(sides[name], args.steps)
+            w["acts_per_s"] = args.steps * batch / w["wall"]
+            results[name].append(w)
+            print(f"round {r + 1} {name}: {w['acts_per_s']:.0f} activations/s "
+                  f"(cpu {w['cpu'] / w['wall']:.2f} cores, load {w['load']:.1f})", flush=True)
+
+    base = statistics.median(w["acts_per_s"] for w in results[names[0]])
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\nTopK SAE d_in {args.d_in}, d_sae {d_sae}, k {args.k}, batch {batch} activations, fp32; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), sae-lens {sae_lens_version}; {when}; {args.rounds} rounds x "
+          f"{args.steps} timed steps per side\n")
+    print("| trainer | activations/s (median) | per round | ours / this |")
+    print("|---|---|---|---|")
+    for name in names:
+        rates = [w["acts_per_s"] for w in results[name]]
+        med = statistics.median(rates)
+        print(f"| {name} | {med:,.0f} | {', '.join(f'{v:,.0f}' for v in rates)} | {base / med:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "when": when}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

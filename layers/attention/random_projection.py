@@ -1,0 +1,62 @@
+"""Random projections (Performer features, LSH rotations): fixed at inference, redrawn on a schedule in training.
+
+The matrix is a persistent buffer, so a saved model reloads with exactly the projection it was
+saved with, and decoding with a KV cache sees the same projection as a full forward. In training
+it is redrawn every `redraw_every` training forwards from a generator seeded by (seed, count):
+every data-parallel rank and every resumed run draws the same matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_SEED_STRIDE = 1_000_003  # spaces the seeds of successive redraws
+
+
+def gaussian_orthogonal(rows: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(rows, dim): blocks of orthogonal rows, each row's norm drawn like a Gaussian vector's (Performer's ORF)."""
+    blocks = []
+    for start in range(0, rows, dim):
+        gauss = torch.randn(dim, dim, generator=generator)
+        ortho, r = torch.linalg.qr(gauss)  # (dim, dim), orthonormal columns
+        ortho = ortho * torch.sign(torch.diagonal(r))  # sign fix: uniformly (Haar) distributed rotations
+        blocks.append(ortho.T[: min(dim, rows - start)])
+    norms = torch.randn(rows, dim, generator=generator).norm(dim=1, keepdim=True)  # chi(dim) distributed
+    return torch.cat(blocks) * norms
+
+
+class RandomProjection(nn.Module):
+    """A (rows, dim) random orthogonal-Gaussian matrix with a seeded redraw schedule for training."""
+
+    def __init__(self, rows: int, dim: int, redraw_every: int = 1000):
+        super().__init__()
+        if rows < 1 or dim < 1:
+            raise ValueError(f"a random projection needs rows >= 1 and dim >= 1, got rows={rows}, dim={dim}")
+        if redraw_every < 0:
+            raise ValueError(f"redraw_every = {redraw_every} is invalid: must be >= 0 (0 never redraws)")
+        self.rows, self.dim, self.redraw_every = rows, dim, redraw_every
+        # The seed comes from the global RNG, like the weights: torch.manual_seed fixes a fresh model.
+        self.register_buffer("seed", torch.randint(0, 2**31 - 1, (), dtype=torch.long))
+        self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("weight", torch.empty(rows, dim))
+        if not self.weight.is_meta:  # under from_pretrained's meta init the checkpoint fills it
+            self.weight.copy_(self.draw(0))
+
+    def draw(self, count: int) -> torch.Tensor:
+        """The matrix of redraw number `count`, a pure function of (seed, count)."""
+        generator = torch.Generator().manual_seed(int(self.seed) + _SEED_STRIDE * count)
+        return gaussian_orthogonal(self.rows, self.dim, generator)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Count one training forward; redraw the matrix every `redraw_every` of them."""
+        if not self.training or self.redraw_every == 0:
+            return
+        self.training_calls += 1
+        calls = int(self.training_calls)
+        if calls % self.redraw_every == 0:
+            self.weight.copy_(self.draw(calls // self.redraw_every))
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows}, dim={self.dim}, redraw_every={self.redraw_every}"

@@ -1,0 +1,185 @@
+"""Scatterbrain attention: a low-rank (Performer) estimate everywhere, exact on a sparse support.
+
+For query i, with phi the FAVOR+ features and S_i its sparse support (a sliding window and/or
+its LSH bucket chunk, never counting a pair twice):
+
+    a_ij = exp(q_i.k_j / sqrt(d))   if j in S_i       (exact)
+    a_ij = phi(q_i).phi(k_j)        otherwise         (low-rank estimate)
+    out_i = sum_j a_ij v_j / sum_j a_ij               (one shared normaliser)
+
+computed as the low-rank sums over every visible key plus, on S_i only, the correction
+exp(q_i.k_j / sqrt(d)) - phi(q_i).phi(k_j): the low-rank term is replaced, not added. All terms
+of a query share one scale exp(-M_i), M_i the largest of its feature and exact log-weights.
+Time and memory O(n * (m + |S|)); a support that covers every pair gives exact attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
+from layers.attention.local import key_windows, query_windows, window_layout, window_mask
+from layers.attention.lsh import (
+    BucketTiles,
+    bucket_tiles,
+    hash_buckets,
+    hash_flops_per_token,
+    merge_max,
+    tiles_per_block,
+)
+from layers.attention.performer import favor_features, linear_attention, performer_flops_per_token
+from layers.attention.random_projection import RandomProjection
+
+
+class ScatterbrainAttention(nn.Module):
+    """Performer with `n_features` features + exact attention on a `window` and/or `lsh_chunk` LSH support."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        n_features: int = 128,
+        window: int = 64,
+        lsh_chunk: int = 0,
+        n_buckets: int = 8,
+        chunk: int = 64,
+        redraw_every: int = 1000,
+    ):
+        super().__init__()
+        for name, value, low in (("n_features", n_features, 1), ("window", window, 0), ("lsh_chunk", lsh_chunk, 0),
+                                 ("chunk", chunk, 1)):
+            if value < low:
+                raise ValueError(f"scatterbrain: {name} = {value} is invalid: must be >= {low}")
+        if n_buckets < 1 or (n_buckets > 1 and n_buckets % 2):
+            raise ValueError(f"scatterbrain: n_buckets = {n_buckets} is invalid: must be 1 or an even number >= 2")
+        self.head_dim, self.n_features, self.chunk = head_dim, n_features, chunk
+        self.window, self.lsh_chunk, self.n_buckets = window, lsh_chunk, n_buckets
+        self.features = RandomProjection(n_features, head_dim, redraw_every)
+        use_rotations = lsh_chunk > 0 and n_buckets > 1
+        self.rotations = RandomProjection(n_buckets // 2, head_dim, redraw_every) if use_rotations else None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = True,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
+        check_qkv(q, k, v)
+        self.features.step()
+        if self.rotations is not None:
+            self.rotations.step()
+        k, v = repeat_kv_heads(q, k, v)
+        with torch.autocast(q.device.type, enabled=False):  # exp features need float32
+            out = self._attend(q.float(), k.float(), v.float(), causal, key_padding_mask)
+        return out.to(q.dtype)
+
+    def _attend(self, q, k, v, causal, key_padding_mask):
+        phi_q, stab = favor_features(q, self.features.weight, is_query=True)  # (b, h, q_len, m), (b, h, q_len, 1)
+        phi_k, _ = favor_features(k, self.features.weight, is_query=False)  # (b, h, k_len, m)
+        if key_padding_mask is not None:
+            phi_k = phi_k * key_padding_mask[:, None, :, None]
+        v1 = with_ones(v)  # (b, h, k_len, d + 1)
+        supports = []
+        if self.window:
+            supports.append(WindowSupport(q, k, self.window, causal, key_padding_mask))
+        if self.lsh_chunk:
+            rotations = None if self.rotations is None else self.rotations.weight
+            tiles = bucket_tiles(hash_buckets(q, rotations), hash_buckets(k, rotations), self.lsh_chunk, causal,
+                                 key_padding_mask)
+            supports.append(BucketSupport(q, k, tiles, exclude_window=self.window))
+        # The shared scale exp(-M_i): M_i the largest log-weight of query i, low-rank or exact.
+        top = stab
+        for support in supports:
+            top = torch.maximum(top, support.top())
+        top = top.detach()  # any shared scale gives the same output
+        lr_scale = torch.exp(stab - top)  # (b, h, q_len, 1), <= 1
+        acc = linear_attention(phi_q, phi_k, v1, causal, self.chunk) * lr_scale  # (b, h, q_len, d + 1)
+        phi_q = phi_q * lr_scale  # now phi(q_i).phi(k_j) is the low-rank weight at the scale exp(-M_i)
+        for support in supports:
+            acc = acc + support.correction(phi_q, phi_k, v1, top)
+        return normalise(acc)
+
+    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Forward matmul FLOPs per query token and head: Performer, plus three products per support entry."""
+        d, m, e = self.head_dim, self.n_features, self.head_dim + 1
+        flops = performer_flops_per_token(d, m, seq_len, causal, self.chunk)
+        per_entry = 2 * d + 2 * m + 2 * e  # exact logit, low-rank weight, correction times v1
+        if self.window:
+            layout = window_layout(seq_len, seq_len, self.window, causal)
+            flops += per_entry * layout.n_blocks * layout.block * layout.span / seq_len
+        if self.lsh_chunk:
+            entries = tiles_per_block(self.n_buckets) * min(self.lsh_chunk, seq_len)  # estimated, see lsh.py
+            own = 2 * d if self.window else per_entry  # the own position's logit (and correction without a window)
+            flops += hash_flops_per_token(d, self.n_buckets) + per_entry * entries + own
+        return flops
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, n_features={self.n_features}, window={self.window}, "
+                f"lsh_chunk={self.lsh_chunk}, n_buckets={self.n_buckets}")
+
+
+class WindowSupport:
+    """The sliding window as a Scatterbrain support: exact logits per query block, then the corrections."""
+
+    def __init__(self, q, k, window: int, causal: bool, key_padding_mask):
+        self.q_len = q.shape[-2]
+        self.layout = window_layout(self.q_len, k.shape[-2], window, causal)
+        self.mask = window_mask(self.layout, key_padding_mask, q.device)  # (., 1, n_blocks, block, span)
+        scores = query_windows(q, self.layout) @ key_windows(k, self.layout).transpose(-1, -2)
+        self.logits = (scores / math.sqrt(q.shape[-1])).masked_fill(~self.mask, float("-inf"))
+
+    def top(self) -> torch.Tensor:
+        """(b, h, q_len, 1): each query's largest exact logit in its window."""
+        return self.logits.amax(-1).flatten(2)[:, :, : self.q_len, None]
+
+    def correction(self, phi_q, phi_k, v1, top) -> torch.Tensor:
+        """(b, h, q_len, d + 1): sum over the window of (exact - low-rank weight) [v, 1], at the scale exp(-top)."""
+        layout = self.layout
+        low_rank = query_windows(phi_q, layout) @ key_windows(phi_k, layout).transpose(-1, -2)
+        exact = torch.exp(self.logits - query_windows(top, layout))
+        weights = torch.where(self.mask, exact - low_rank, 0.0)  # (b, h, n_blocks, block, span)
+        return (weights @ key_windows(v1, layout)).flatten(2, 3)[:, :, : self.q_len]
+
+
+class BucketSupport:
+    """The LSH chunks as a Scatterbrain support, minus the window's pairs when there is a window."""
+
+    def __init__(self, q, k, tiles: BucketTiles, exclude_window: int):
+        self.shape = q.shape  # (b, h, q_len, d)
+        self.tiles = tiles
+        if exclude_window:  # pairs inside the window are the window's (and so is the own position)
+            distance = (tiles.q_pos[tiles.pair_block][:, :, None] - tiles.k_pos[:, None, :]).abs()  # (P, B, T)
+            tiles.allowed &= distance >= exclude_window
+        d = q.shape[-1]
+        qf, kf = q.reshape(-1, d), k.reshape(-1, d)  # rows of (b * h * len, d)
+        qs = qf[tiles.q_rows]  # (NB, B, d): the queries in bucket order
+        scores = qs[tiles.pair_block] @ kf[tiles.k_rows].transpose(-1, -2) / math.sqrt(d)  # (P, B, T)
+        self.logits = scores.masked_fill(~tiles.allowed, float("-inf"))
+        self.own = (qs * kf[tiles.own_rows]).sum(-1) / math.sqrt(d)  # (NB, B)
+        if exclude_window:
+            self.own = torch.full_like(self.own, float("-inf"))
+
+    def top(self) -> torch.Tensor:
+        """(b, h, q_len, 1): each query's largest exact logit in its chunk (and at its own position)."""
+        b, h, q_len, _ = self.shape
+        return merge_max(self.tiles, self.own, self.logits).flatten()[self.tiles.unsort].view(b, h, q_len, 1)
+
+    def correction(self, phi_q, phi_k, v1, top) -> torch.Tensor:
+        """(b, h, q_len, d + 1): sum over the chunk of (exact - low-rank weight) [v, 1], at the scale exp(-top)."""
+        t = self.tiles
+        b, h, q_len, d = self.shape
+        m = phi_q.shape[-1]
+        pf, pkf, vf = phi_q.reshape(-1, m), phi_k.reshape(-1, m), v1.reshape(-1, d + 1)
+        ps, top_s = pf[t.q_rows], top.reshape(-1)[t.q_rows]  # (NB, B, m), (NB, B)
+        low_rank = ps[t.pair_block] @ pkf[t.k_rows].transpose(-1, -2)  # (P, B, T)
+        exact = torch.exp(self.logits - top_s[t.pair_block][..., None])
+        weights = torch.where(t.allowed, exact - low_rank, 0.0)
+        own = torch.where(torch.isfinite(self.own), torch.exp(self.own - top_s) - (ps * pkf[t.own_rows]).sum(-1), 0.0)
+        fix = own[..., None] * vf[t.own_rows]  # (NB, B, d + 1)
+        fix = fix.index_add(0, t.pair_block, weights @ vf[t.k_rows])
+        return fix.flatten(0, 1)[t.unsort].view(b, h, q_len, d + 1)

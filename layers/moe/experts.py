@@ -1,0 +1,172 @@
+"""Routed SwiGLU experts, run dropless on tokens sorted by expert: one grouped (or batched) matmul per projection.
+
+Weights use megablocks' layout, so that its kernels run on the very same tensors:
+`w_gate`, `w_up`, `w_down` are (E, width, d); expert e computes
+`(silu(x @ w_gate[e].T) * (x @ w_up[e].T)) @ w_down[e]`.
+
+Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
+- "padded": every expert gets as many rows as the largest load and each projection is ONE
+  `torch.bmm` over (E, rows, d). On CPU this runs at dense-matmul speed, where grouped_mm's CPU
+  kernel runs one small matmul per expert (2-4x slower, measured in benchmarks/moe.md); the price
+  is the padding.
+- "grouped": exactly one row per assignment, ONE `torch.nn.functional.grouped_mm` with offsets
+  (CUDA bf16 and CPU; the fast path on GPUs).
+- "tiered": padded rows in a few tiers, one bmm each (see layers/moe/dispatch.py): padding stays small
+  when a few experts are overloaded, at the price of copying those experts' weights.
+- "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors
+  when installed (`layers.kernels.can_use_megablocks`); grouped on other CUDA bf16 tensors; else tiered.
+The backward is written out (one autograd function for the three projections), so that only the
+expert inputs and the two hidden pre-activations are kept, and the SwiGLU product is recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers import kernels
+from layers.moe.dispatch import DispatchPlan, combine, dispatch, make_plan
+
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+IMPLS = ("auto", "padded", "tiered", "grouped", "megablocks")
+
+
+def _group_mm(a: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, transpose_w: bool,
+              out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """(R, i) rows @ w[e] (or w[e].T) for each row's expert -> (R, o); into / added to `out` if given."""
+    w = w.transpose(1, 2) if transpose_w else w  # (E, i, o)
+    if plan.offsets is not None:  # grouped layout
+        result = F.grouped_mm(a, w, offs=plan.offsets)
+        return result if out is None else (out.add_(result) if accumulate else out.copy_(result))
+    if out is None:
+        out = a.new_empty(a.shape[0], w.shape[2])
+    for tier in plan.tiers:  # one bmm per tier (1 to MAX_TIERS), never per expert
+        w_tier = w if tier.experts is None else w.index_select(0, tier.experts)
+        a3 = a[tier.start:tier.end].view(tier.num_experts, tier.rows_per_expert, -1)  # (E_i, C_i, i)
+        out3 = out[tier.start:tier.end].view(tier.num_experts, tier.rows_per_expert, -1)  # (E_i, C_i, o)
+        out3.baddbmm_(a3, w_tier) if accumulate else torch.bmm(a3, w_tier, out=out3)
+    return out
+
+
+def _group_wgrad(a: torch.Tensor, g: torch.Tensor, plan: DispatchPlan, num_experts: int) -> torch.Tensor:
+    """Per expert the sum over its rows of a[row].T @ g[row]: (R, i), (R, o) -> (E, i, o)."""
+    if plan.offsets is not None:
+        return F.grouped_mm(a.t(), g, offs=plan.offsets)
+    total = None
+    for tier in plan.tiers:
+        a3 = a[tier.start:tier.end].view(tier.num_experts, tier.rows_per_expert, -1)
+        g3 = g[tier.start:tier.end].view(tier.num_experts, tier.rows_per_expert, -1)
+        part = torch.bmm(a3.transpose(1, 2), g3)  # (E_i, i, o)
+        if tier.experts is None:
+            total = part if total is None else total.add_(part)
+        else:
+            if total is None:
+                total = part.new_zeros(num_experts, *part.shape[1:])
+            total.index_add_(0, tier.experts, part)
+    return total
+
+
+class _SwiGLUExpertsFn(torch.autograd.Function):
+    """rows (R, d) -> (R, d) through each row's expert; saves rows and the gate/up pre-activations only."""
+
+    @staticmethod
+    def forward(ctx, rows, w_gate, w_up, w_down, plan: DispatchPlan):
+        gate = _group_mm(rows, w_gate, plan, transpose_w=True)  # (R, width)
+        up = _group_mm(rows, w_up, plan, transpose_w=True)  # (R, width)
+        ctx.plan = plan
+        ctx.save_for_backward(rows, w_gate, w_up, w_down, gate, up)
+        return _group_mm(F.silu(gate).mul_(up), w_down, plan, transpose_w=False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, w_gate, w_up, w_down, gate, up = ctx.saved_tensors
+        plan, e = ctx.plan, w_gate.shape[0]
+        grad_out = grad_out.contiguous()
+        silu = F.silu(gate)
+        act = silu * up  # recomputed SwiGLU product (R, width)
+        grad_w_down = _group_wgrad(act, grad_out, plan, e)  # (E, width, d)
+        grad_act = _group_mm(grad_out, w_down, plan, transpose_w=True)  # (R, width)
+        # Buffers are reused as soon as their values are dead (as megablocks does): fewer large allocations.
+        grad_up = torch.mul(grad_act, silu, out=act)
+        grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=silu)
+        grad_w_gate = _group_wgrad(grad_gate, rows, plan, e)  # (E, width, d)
+        grad_w_up = _group_wgrad(grad_up, rows, plan, e)
+        grad_rows = _group_mm(grad_gate, w_gate, plan, transpose_w=False, out=grad_out)  # (R, d), over grad_out
+        _group_mm(grad_up, w_up, plan, transpose_w=False, out=grad_rows, accumulate=True)
+        return grad_rows, grad_w_gate, grad_w_up, grad_w_down, None
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU experts of the same width, computed dropless (or with a token capacity) on sorted tokens."""
+
+    def __init__(self, num_experts: int, d_model: int, width: int, impl: str = "auto"):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"unknown experts impl {impl!r}; known: {IMPLS}")
+        self.num_experts, self.d_model, self.width = num_experts, d_model, width
+        self.impl = impl
+        self.w_gate = nn.Parameter(torch.empty(num_experts, width, d_model))
+        self.w_up = nn.Parameter(torch.empty(num_experts, width, d_model))
+        self.w_down = nn.Parameter(torch.empty(num_experts, width, d_model))
+        self.init_weights_(0.02)  # the zoo LM re-initialises with its config's init_std
+        self.last_impl: str | None = None  # the path the last forward took
+
+    def init_weights_(self, std: float) -> None:
+        """Normal(0, std) weights, as nn.Linear layers get in the zoo's models (skips loaded tensors)."""
+        with torch.no_grad():
+            for p in (self.w_gate, self.w_up, self.w_down):
+                if not getattr(p, "_is_hf_initialized", False):
+                    nn.init.normal_(p, mean=0.0, std=std)
+
+    def params_per_expert(self) -> int:
+        """Parameters of one expert (three width x d matrices)."""
+        return 3 * self.width * self.d_model
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs of one expert on one token: three projections plus the gate's elementwise product."""
+        return 6 * self.d_model * self.width + self.width
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                capacity: int | None = None) -> tuple[torch.Tensor, DispatchPlan | None]:
+        """x (T, d), weights / experts (T, K) (-1: unused) -> ((T, d) output, plan; None on megablocks)."""
+        layout = self._choose_layout(x, capacity)
+        if layout == "megablocks":
+            from layers.moe.megablocks_backend import megablocks_experts
+
+            self.last_impl = layout
+            return megablocks_experts(x, weights, experts, self.w_gate, self.w_up, self.w_down), None
+        plan = make_plan(experts, self.num_experts, layout=layout, capacity=capacity)
+        self.last_impl = plan.layout
+        if plan.num_rows == 0:
+            return x.new_zeros(x.shape) + 0 * weights.sum(), plan  # nothing routed: keep the graph connected
+        rows = dispatch(x, plan)  # (R, d)
+        rows = _SwiGLUExpertsFn.apply(rows, self.w_gate, self.w_up, self.w_down, plan)
+        return combine(rows, weights, plan), plan
+
+    def _choose_layout(self, x: torch.Tensor, capacity: int | None) -> str:
+        """"megablocks", or a make_plan layout: "padded", "tiered" or "grouped"."""
+        grouped_ok = HAS_GROUPED_MM and all(n * x.element_size() % 16 == 0 for n in (self.d_model, self.width))
+        if x.is_cuda:  # grouped_mm's CUDA kernel: bf16 on sm80+
+            sm80 = torch.cuda.get_device_capability(x.device) >= (8, 0)
+            grouped_ok = grouped_ok and x.dtype == torch.bfloat16 and sm80
+        if self.impl in ("grouped", "megablocks") and not (grouped_ok if self.impl == "grouped" else x.is_cuda):
+            raise RuntimeError(f"impl={self.impl!r} cannot run here: grouped needs torch.nn.functional.grouped_mm "
+                               f"and 16-byte-aligned rows; megablocks needs CUDA")
+        if self.impl != "auto":
+            return self.impl
+        if capacity is None and x.dtype in (torch.bfloat16, torch.float16) and kernels.can_use_megablocks(x):
+            return "megablocks"
+        if x.is_cuda and grouped_ok:
+            return "grouped"
+        return "tiered"
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, width={self.width}, impl={self.impl!r}"
+
+
+def capacity_for(capacity_factor: float, num_tokens: int, num_experts_per_tok: int, num_experts: int) -> int:
+    """Switch's expert capacity: ceil(capacity_factor * tokens * k / experts)."""
+    return max(1, math.ceil(capacity_factor * num_tokens * num_experts_per_tok / num_experts))

@@ -1,0 +1,202 @@
+"""The SAE family: sparsity of each kind, losses on hand-computed cases, unit-norm decoder, save/load."""
+
+import pytest
+import torch
+
+from models.sae import SAE, SAEConfig
+from train.trainer import param_groups
+from zoo import load
+
+D_IN, D_SAE = 16, 64
+
+
+def make(kind: str = "topk", **fields) -> SAE:
+    torch.manual_seed(0)
+    fields = {"d_in": D_IN, "d_sae": D_SAE, "k": 4, **fields}
+    if kind == "matryoshka":
+        fields.setdefault("matryoshka_widths", [8, 32, D_SAE])
+    return SAE(SAEConfig(kind=kind, **fields))
+
+
+def data(rows: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+def test_topk_keeps_exactly_k_nonzeros_per_row():
+    sae = make("topk", k=5).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive, so ReLU zeroes none of the k kept
+    z = sae.encode(data().view(4, 8, D_IN))  # any leading shape
+    assert z.shape == (4, 8, D_SAE)
+    assert ((z != 0).sum(-1) == 5).all()
+    pre = sae.pre_activations(data())
+    kept = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(5, dim=1).indices, True)
+    assert torch.equal(z.view(-1, D_SAE) != 0, kept), "the k kept are the k largest pre-activations"
+
+
+def test_encode_k_changes_the_budget_at_inference():
+    sae = make("topk", k=8).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)
+    assert ((sae.encode(data(), k=2) != 0).sum(-1) == 2).all()
+    assert ((sae.encode(data()) != 0).sum(-1) == 8).all()
+
+
+def test_batchtopk_keeps_k_times_batch_per_batch_and_a_threshold_at_inference():
+    sae = make("batchtopk", k=4).train()
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)
+    x = data(rows=32)
+    out = sae(x)
+    assert float(out.l0) * 32 == 4 * 32, "k * batch latents active over the batch"
+    per_row = sae.encode(x)  # training mode: BatchTopK over these rows
+    counts = (per_row != 0).sum(-1)
+    assert counts.sum() == 4 * 32 and counts.min() != counts.max(), "rows share the budget unevenly"
+    assert (sae.threshold > 0).all(), "training estimated the inference threshold"
+    sae.eval()
+    pre = sae.pre_activations(x)
+    assert torch.equal(sae.encode(x) != 0, pre > sae.threshold), "inference keeps what exceeds the threshold"
+
+
+def test_hierarchical_topk_at_its_largest_k_equals_plain_topk_decoding():
+    hier, plain = make("hierarchical_topk", k=6, k_min=1), make("topk", k=6)
+    plain.load_state_dict(hier.state_dict())
+    x = data()
+    for model in (hier, plain):
+        model.train()
+    torch.testing.assert_close(hier(x).x_hat, plain(x).x_hat, rtol=1e-5, atol=1e-5)
+    hier.eval(), plain.eval()
+    torch.testing.assert_close(hier.decode(hier.encode(x)), plain.decode(plain.encode(x)))
+
+
+def test_hierarchical_loss_is_the_mean_of_the_prefix_losses_on_a_hand_computed_case():
+    # d_in 2, three atoms e1, e2, (e1+e2)/sqrt2; x = (3, 1) ranks latent 0 (3), latent 1 (1), latent 2 (0.5).
+    sae = SAE(SAEConfig(kind="hierarchical_topk", d_in=2, d_sae=3, k=2, k_min=1, auxk_coeff=0.0))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 0.125], [0.0, 1.0, 0.125]]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2**-0.5, 2**-0.5]]))
+        sae.b_enc.zero_(), sae.b_dec.zero_()
+    x = torch.tensor([[3.0, 1.0], [1.0, 4.0]])
+    # row 1: pre = (3, 1, 0.5). top-1 = 3 e1 -> error |(0, 1)|^2 = 1; top-2 = 3 e1 + e2 = x -> error 0.
+    # row 2: pre = (1, 4, 0.625). top-1 = 4 e2 -> error |(1, 0)|^2 = 1; top-2 = x -> error 0.
+    # prefix losses (mean over rows): j=1: 1.0, j=2: 0.0. Their sum, 1.0, over the 2 budgets: 0.5.
+    out = sae.train()(x)
+    assert out.loss.item() == pytest.approx((1.0 + 0.0) / 2)
+    torch.testing.assert_close(out.x_hat, x)
+    sae.config.k_min = 2  # only the top-2 prefix: the plain TopK loss
+    assert sae(x).loss.item() == pytest.approx(0.0)
+
+
+def test_matryoshka_loss_is_the_mean_of_each_prefix_reconstructing_alone():
+    sae = make("matryoshka", k=6, auxk_coeff=0.0).train()
+    x = data(rows=16)
+    out = sae(x)
+    z = sae.encode(x)  # training mode: the same BatchTopK selection
+    w = sae.decoder_weight()
+    losses = [((x - (z[:, :m] @ w[:m] + sae.b_dec)) ** 2).sum(-1).mean() for m in (8, 32, D_SAE)]
+    assert out.loss.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    torch.testing.assert_close(out.x_hat, z @ w + sae.b_dec, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_l1_is_weighted_by_decoder_norms():
+    sae = make("relu", l1_coeff=0.5).train()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 3.0, D_SAE)[:, None])  # unequal norms: relu keeps them
+    x = data()
+    out = sae(x)
+    z = sae.encode(x)
+    expected = 0.5 * (z * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    assert float(out.aux_losses["l1"]) == pytest.approx(float(expected), rel=1e-5)
+    assert out.loss.item() == pytest.approx(float(((x - sae.decode(z)) ** 2).sum(-1).mean()), rel=1e-5)
+
+
+def test_encoder_starts_as_the_decoder_transpose_with_unit_rows():
+    sae = make("topk")
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "hierarchical_topk", "matryoshka"])
+def test_decoder_rows_stay_unit_norm_through_adamw_steps(kind):
+    sae = make(kind, k=4, dead_tokens=8).train()
+    opt = torch.optim.AdamW(param_groups(sae, 0.1), lr=0.05)  # the trainer's optimizer, weight decay included
+    start = sae.W_dec.detach().clone()
+    for step in range(5):
+        out = sae(data(seed=step))
+        (out.loss + sum(out.aux_losses.values())).backward()
+        # the gradient has no component along the (unit) rows: it moves them on the sphere
+        along = (sae.W_dec.grad * sae.W_dec).sum(1)
+        assert along.abs().max() < 1e-5
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(sae.decoder_weight().norm(dim=1), torch.ones(D_SAE))
+    sae(data(seed=99))  # the next training forward renormalises the stored rows the optimizer moved
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    assert (sae.W_dec - start).abs().max() > 1e-3, "the decoder did train"
+
+
+def test_dead_latents_are_counted_in_tokens_and_feed_auxk():
+    sae = make("topk", k=2, dead_tokens=64, auxk_coeff=1.0).train()
+    x = data(rows=32)
+    out = sae(x)
+    fired = out.fire_counts > 0
+    assert (sae.tokens_since_fired[fired] == 0).all() and (sae.tokens_since_fired[~fired] == 32).all()
+    assert out.aux_losses["auxk"].item() == 0.0, "nothing has been silent for 64 tokens yet"
+    sae(x)
+    out = sae(x)  # the never-firing latents now have 96 silent tokens: dead
+    assert sae.dead_fraction() > 0
+    assert out.aux_losses["auxk"].item() > 0
+    out.aux_losses["auxk"].backward()
+    dead = sae.tokens_since_fired >= 64
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0, "AuxK trains the dead latents' encoder columns"
+
+
+def test_scale_is_applied_on_encode_and_undone_on_decode():
+    a, b = make("topk", act_scale=4.0).eval(), make("topk", act_scale=1.0).eval()
+    b.load_state_dict(a.state_dict())
+    x = data()
+    torch.testing.assert_close(a.encode(x), b.encode(4.0 * x))
+    z = a.encode(x)
+    torch.testing.assert_close(a.decode(z), b.decode(z) / 4.0)
+    torch.testing.assert_close(a(x).x_hat, b(4.0 * x).x_hat / 4.0)
+
+
+def test_save_and_load_keep_weights_buffers_and_work_with_automodel(tmp_path):
+    from transformers import AutoModel
+
+    sae = make("batchtopk", act_scale=2.0).train()
+    sae(data())
+    sae.save_pretrained(tmp_path)
+    for loaded in (load(str(tmp_path)), AutoModel.from_pretrained(tmp_path)):
+        assert isinstance(loaded, SAE)
+        torch.testing.assert_close(loaded.threshold, sae.threshold)
+        assert torch.equal(loaded.tokens_since_fired, sae.tokens_since_fired)
+        torch.testing.assert_close(loaded.eval().encode(data()), sae.eval().encode(data()))
+    assert "zoo_sae" in (tmp_path / "README.md").read_text()
+
+
+def test_cost_counts_the_dense_encoder_and_k_decoder_rows():
+    sae = make("topk", k=4)
+    cost = sae.cost()
+    assert cost["total_params"] == sum(p.numel() for p in sae.parameters()) == 2 * D_IN * D_SAE + D_SAE + D_IN
+    assert cost["active_params"] == D_IN * D_SAE + D_SAE + 4 * D_IN + D_IN
+    assert cost["flops_per_token"] == 2 * D_IN * D_SAE + 2 * 4 * D_IN
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"kind": "gated"}, "kind"), ({"k": 99}, "k"), ({"k_min": 9, "k": 8}, "k_min"),
+    ({"kind": "matryoshka", "matryoshka_widths": [8, 32]}, "matryoshka_widths"),
+    ({"kind": "matryoshka", "matryoshka_widths": [32, 8, 64]}, "matryoshka_widths"),
+    ({"act_scale": -1.0}, "act_scale")])
+def test_bad_config_is_a_value_error_naming_the_field(fields, name):
+    with pytest.raises(ValueError, match=name):
+        load("sae-topk-tiny", **{"d_sae": 64, **fields})
+
+
+@pytest.mark.parametrize("name", ["sae-relu-tiny", "sae-topk-tiny", "sae-batchtopk-tiny", "sae-hier-topk-tiny",
+                                  "sae-matryoshka-tiny"])
+def test_catalog_entries_read_lm_dense_tiny_and_reconstruct(name):
+    sae = load(name)
+    assert sae.config.d_in == 256 and sae.config.source_model == "runs/lm-dense-tiny/final"
+    x = data(rows=8, seed=3).repeat(1, 16)
+    assert sae(x).x_hat.shape == (8, 256)

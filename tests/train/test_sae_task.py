@@ -1,0 +1,102 @@
+"""`zoo train` on an SAE catalog entry end to end: harvest, train, exact resume, checkpoint, `zoo eval`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import parse_args
+from train.trainer import Trainer
+from zoo import load
+from zoo.cli import main
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def source_lm(tmp_path_factory) -> Path:
+    """A tiny LM trained for a few steps by the common trainer: the SAEs read its block-1 output."""
+    run = tmp_path_factory.mktemp("lm") / "run"
+    cfg = parse_args(["lm-dense-tiny", "--set", f"d_model={D}", "--set", "n_layers=2", "--set", "n_heads=2",
+                      "--seq-len", "32", "--batch-size", "8", "--steps", "10", "--eval-every", "10",
+                      "--eval-batches", "1", "--warmup-steps", "2", "--lr", "1e-2", "--out", str(run)])
+    return Path(Trainer(cfg).run()["final"])
+
+
+def sae_args(source: Path, out: Path, entry: str = "sae-topk-tiny", *extra: str) -> list[str]:
+    return [entry, "--set", f"source_model={source}", "--set", f"d_in={D}", "--set", "d_sae=128",
+            "--set", "hook_point=blocks.1", "--seq-len", "32", "--batch-size", "8", "--eval-batches", "2",
+            "--warmup-steps", "2", "--out", str(out), *extra]
+
+
+def records(run: Path) -> dict[int, dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "step" in r}
+
+
+def test_zoo_train_on_an_sae_entry_writes_a_checkpoint_that_zoo_load_reads(source_lm, tmp_path, capsys):
+    run = tmp_path / "sae"
+    code = main(["train", *sae_args(source_lm, run, "sae-topk-tiny", "--set", "k=4", "--steps", "40",
+                                    "--lr", "1e-2", "--eval-every", "40")])
+    assert code == 0
+    curve = records(run)
+    assert sorted(curve) == list(range(1, 41))
+    first, last = curve[1]["loss"], sum(curve[s]["loss"] for s in range(36, 41)) / 5
+    assert last < 0.8 * first, (first, last)
+    assert curve[40]["val_fvu"] < 0.6 and curve[40]["val_l0"] == pytest.approx(4.0)
+    sae = load(str(run / "final"))
+    assert type(sae).__name__ == "SAE" and sae.config.kind == "topk" and sae.config.k == 4
+    assert sae.config.act_scale is not None and sae.config.context_size == 32
+    assert "activations of" in (run / "final" / "README.md").read_text()
+    x = torch.randn(5, D)
+    assert sae.decode(sae.encode(x)).shape == (5, D)
+
+
+def test_a_resumed_sae_run_continues_exactly(source_lm, tmp_path):
+    # BatchTopK with a short dead window: the threshold and dead-latent buffers and AuxK all matter.
+    args = ["--set", "dead_tokens=512", "--set", "auxk_coeff=0.5", "--steps", "12", "--eval-every", "100",
+            "--checkpoint-every", "4", "--lr", "1e-2"]
+    full = Trainer(parse_args(sae_args(source_lm, tmp_path / "full", "sae-batchtopk-tiny", *args))).run()
+    killed = Trainer(parse_args(sae_args(source_lm, tmp_path / "killed", "sae-batchtopk-tiny", *args)))
+    for _ in range(6):  # dies after step 6; its last checkpoint is step 4
+        killed.step()
+        killed.step_done += 1
+        if killed.step_done % 4 == 0:
+            killed.checkpoint()
+    run = tmp_path / "killed"
+    resumed = Trainer(parse_args(sae_args(source_lm, run, "sae-batchtopk-tiny", *args, "--resume", str(run))))
+    assert resumed.step_done == 4
+    resumed.run()
+    a, b = records(tmp_path / "full"), records(run)
+    assert [s for s in b] == list(range(5, 13))
+    assert any(a[s]["auxk"] > 0 for s in a), "AuxK was active"
+    for step in range(5, 13):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
+        assert b[step]["auxk"] == pytest.approx(a[step]["auxk"], abs=1e-6), step
+    torch.testing.assert_close(load(str(run / "final")).threshold, load(full["final"]).threshold)
+
+
+def test_zoo_eval_on_sae_checkpoints_reports_every_budget_and_plots(source_lm, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folders = {}
+    for name, fields in {"hier": dict(kind="hierarchical_topk", k=8, k_min=1),
+                         "topk2": dict(kind="topk", k=2), "topk8": dict(kind="topk", k=8)}.items():
+        torch.manual_seed(0)
+        sae = load("sae-topk-tiny", d_in=D, d_sae=64, hook_point="blocks.1", source_model=str(source_lm),
+                   context_size=32, **fields)
+        folders[name] = tmp_path / name
+        sae.save_pretrained(folders[name])
+    plot = tmp_path / "fvu_l0.png"
+    code = main(["eval", str(folders["hier"]), "--max-batches", "2", "--batch-size", "4", "--plot", str(plot),
+                 "--compare", str(folders["topk2"]), str(folders["topk8"])])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["k"] for row in result["budgets"]] == [1, 2, 4, 8]
+    assert [round(row["l0"]) for row in result["budgets"]] == [1, 2, 4, 8]
+    fvus = [row["fvu"] for row in result["budgets"]]
+    assert fvus == sorted(fvus, reverse=True), "a larger budget reconstructs better"
+    for row in result["budgets"]:
+        assert {"ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "dead_frac", "dense_frac"} <= set(row)
+    assert set(result["compare"]) == {str(folders["topk2"]), str(folders["topk8"])}
+    assert plot.read_bytes()[:4] == b"\x89PNG"

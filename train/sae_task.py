@@ -1,0 +1,118 @@
+"""The trainer's task for sparse autoencoders: reconstruct activations harvested from the source LM.
+
+`zoo train sae-topk-tiny` builds the SAE, then `SAETask` loads its `source_model`, harvests the
+activations at its `hook_point` over the corpus into an on-disk store (cached in
+`$ZOO_CACHE/activations`, so runs with the same LM, layer, corpus and sizes share it), records the
+scale that gives them unit mean squared norm in the SAE's config (`act_scale`), and serves
+batches of `batch_size * seq_len` activations whose order is a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from train.activations import ActivationStore, cached_harvest, load_source_lm
+from train.config import TrainConfig
+from train.data import load_token_data
+from train.sae_eval import ce_metrics, reconstruction_metrics
+
+HARVEST_BATCH = 16  # sequences per LM forward while harvesting
+CE_EVAL_BATCHES = 2  # validation batches of sequences for the loss-recovered metrics during training
+EVAL_ROWS = 4096  # activations per SAE batch during evaluation
+
+
+class SAEData:
+    """The source LM, the token corpus and the activation stores of one SAE setting (LM, layer, corpus)."""
+
+    def __init__(self, source: str | None, hook_point: str, data: list[str] | None, seq_len: int,
+                 val_fraction: float = 0.05, seed: int = 0, device: str | torch.device | None = None):
+        if not source:
+            raise ValueError("the SAE has no source_model: pass --set source_model=FOLDER (an LM checkpoint, "
+                             "e.g. runs/lm-dense-tiny/final after `zoo train lm-dense-tiny`)")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.source, self.hook_point, self.seed = source, hook_point, seed
+        self.lm, tokenizer, lm_identity = load_source_lm(source, seed=seed, device=self.device)
+        self.lm.requires_grad_(False)
+        self.data = load_token_data(data, seq_len=seq_len, val_fraction=val_fraction, tokenizer=tokenizer)
+        self.seq_len = seq_len
+        self.identity = {"source": lm_identity, "corpus": self.data.cache_path.name if self.data.cache_path else None,
+                         "seq_len": seq_len, "val_fraction": val_fraction}
+
+    def train_store(self, rows: int, dtype: str = "float16") -> ActivationStore:
+        """`rows` activations of the train split (at most one pass over it; batches cycle over the store)."""
+        rows = min(rows, self.data.num_train_blocks * self.seq_len)
+
+        def blocks():
+            for i in itertools.count():
+                yield self.data.train_batch(i, HARVEST_BATCH, seed=self.seed)[:, :-1]
+
+        return cached_harvest(self.lm, self.hook_point, {**self.identity, "split": "train"}, blocks, rows,
+                              dtype=dtype, seed=self.seed)
+
+    def val_store(self, rows: int = 0) -> ActivationStore:
+        """The activations of the first validation blocks (`rows` of them; 0: the whole split), in float32."""
+        available = self.data.num_val_blocks * self.seq_len
+        rows = min(rows, available) if rows else available
+        blocks = lambda: (b[:, :-1] for b in self.data.val_batches(HARVEST_BATCH))  # noqa: E731
+        return cached_harvest(self.lm, self.hook_point, {**self.identity, "split": "val"}, blocks, rows,
+                              dtype="float32", seed=self.seed)
+
+    def val_token_batches(self, batch_size: int, max_batches: int = 0) -> list[torch.Tensor]:
+        """The first `max_batches` (0: all) validation batches of (batch, seq_len + 1) token blocks."""
+        batches = self.data.val_batches(batch_size)
+        return list(itertools.islice(batches, max_batches) if max_batches else batches)
+
+
+class SAETask:
+    """Reconstruction of harvested LM activations: batches of batch_size * seq_len activation vectors."""
+
+    unit = "activations"
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module):
+        c = model.config
+        self.cfg = cfg
+        self.sae_data = SAEData(c.source_model, c.hook_point, cfg.data, cfg.seq_len, cfg.val_fraction,
+                                seed=cfg.seed, device=cfg.device)
+        self.items_per_step = cfg.batch_size * cfg.seq_len
+        self.train = self.sae_data.train_store(cfg.steps * self.items_per_step)
+        val_rows = cfg.eval_batches * cfg.batch_size * cfg.seq_len
+        self.val = self.sae_data.val_store(val_rows)
+        if self.train.d != c.d_in:
+            raise ValueError(f"the activations at hook_point {c.hook_point!r} of {c.source_model!r} have "
+                             f"{self.train.d} dimensions but the SAE's d_in is {c.d_in}; "
+                             f"pass --set d_in={self.train.d}")
+        c.context_size = cfg.seq_len
+        if c.act_scale is None:  # fine-tuning keeps the scale the SAE was trained with
+            c.act_scale = self.train.act_scale
+        self.flops_per_item = model.cost()["flops_per_token"]
+        corpus = ", ".join(cfg.data) if cfg.data else "the bundled Jargon File 4.4.7 (public domain)"
+        self.description = (f"{self.train.rows:,} activations of {c.source_model} at {c.hook_point} "
+                            f"on {corpus} (seq_len {cfg.seq_len})")
+
+    def batch(self, step: int, rank: int, world: int) -> torch.Tensor:
+        """This rank's rows of global batch `step`: (batch_size * seq_len / world, d_in) float32 activations."""
+        return self.train.batch(step, self.items_per_step, seed=self.cfg.seed, rank=rank, world=world)
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reconstruction loss of one (micro-)batch and the SAE's weighted auxiliary losses."""
+        out = model(batch)
+        return out.loss, dict(out.aux_losses or {})
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:
+        """Validation reconstruction loss, FVU, L0, dead/dense fractions and loss recovered."""
+        sae = getattr(model, "module", model)
+        was_training = sae.training
+        sae.eval()
+        loss_sum = sum(float(sae(x.to(device)).loss) * len(x) for x in self.val.batches(EVAL_ROWS))
+        rec = reconstruction_metrics(sae, self.val.batches(EVAL_ROWS))
+        tokens = self.sae_data.val_token_batches(self.cfg.batch_size, CE_EVAL_BATCHES)
+        ce = ce_metrics(self.sae_data.lm, sae, sae.config.hook_point, tokens)
+        sae.train(was_training)
+        return {"val_loss": loss_sum / self.val.rows, "val_fvu": rec["fvu"], "val_l0": rec["l0"],
+                "val_dead_frac": rec["dead_frac"], "val_dense_frac": rec["dense_frac"],
+                "dead_frac": sae.dead_fraction(), "val_ce_loss_recovered": ce["ce_loss_recovered"],
+                "val_ce_sae": ce["ce_sae"], "val_ce_clean": ce["ce_clean"]}

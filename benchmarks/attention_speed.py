@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -153,7 +154,8 @@ def tables(rows: list[dict]) -> str:
             cells.append(f"{r['peak_bytes'] / 2**20:.1f} MiB ({ratio:.2f}x)")
         out.append(f"| {n} | " + " | ".join(cells) + " |")
     out += ["", "| kind | crossover: faster than dense SDPA from n | time(32k) / time(16k) | "
-            "memory at 16k / dense SDPA | memory at 16k / dense math |", "|---|---|---|---|---|"]
+            "log-log slope of time, n >= 4096 | memory at 16k / dense SDPA | memory at 16k / dense math |",
+            "|---|---|---|---|---|---|"]
     big, mid = ns[-1], ns[-2] if len(ns) > 1 else ns[-1]
     for kind in kinds:
         faster = [n for n in ns if (n, kind) in at and at[(n, kind)]["time_s"] < at[(n, "dense (SDPA)")]["time_s"]]
@@ -167,8 +169,18 @@ def tables(rows: list[dict]) -> str:
         vs_sdpa = m16["peak_bytes"] / at[(16384, "dense (SDPA)")]["peak_bytes"] if m16 else float("nan")
         math16 = at.get((16384, "dense (SDPA math)"))
         vs_math = m16["peak_bytes"] / math16["peak_bytes"] if m16 and math16 else float("nan")
-        out.append(f"| {kind} | {crossover} | {growth_text} | {vs_sdpa:.2f} | {vs_math:.3f} |")
+        out.append(f"| {kind} | {crossover} | {growth_text} | {slope(rows, kind):.2f} | {vs_sdpa:.2f} | "
+                   f"{vs_math:.3f} |")
     return "\n".join(out)
+
+
+def slope(rows: list[dict], kind: str, from_n: int = 4096) -> float:
+    """Least-squares slope of log(time) against log(n) for n >= from_n: 1 is linear, 2 quadratic."""
+    pts = [(math.log(r["n"]), math.log(r["time_s"])) for r in rows if r["kind"] == kind and r["n"] >= from_n]
+    if len(pts) < 2:
+        return float("nan")
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -184,7 +196,7 @@ def plot(rows: list[dict], path: str) -> None:
         style = "--" if kind.startswith("dense") else "-"
         a.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=kind)
         b.plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], style, marker="o", ms=3, label=kind)
-    for ax, label in ((a, "forward time (s)"), (b, "peak memory (MiB)")):
+    for ax, label in ((a, "forward CPU time (s)"), (b, "peak memory above inputs (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length n")

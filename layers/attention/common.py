@@ -29,7 +29,9 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (..., d + 1)
 
 
+MIN_NORMALISER = 1e-12  # below it a row is numerically empty; the floor keeps 1 / den^2 (backward) finite
+
+
 def normalise(acc: torch.Tensor) -> torch.Tensor:
-    """acc = [sum_j a_ij v_j, sum_j a_ij] -> the weighted mean; a row with no mass gives 0, not NaN."""
-    den = acc[..., -1:]
-    return acc[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
+    """acc = [sum_j a_ij v_j, sum_j a_ij] -> the weighted mean; a row with (next to) no mass gives ~0, not NaN."""
+    return acc[..., :-1] / acc[..., -1:].clamp_min(MIN_NORMALISER)

@@ -2,9 +2,10 @@
 
 exp(q.k / sqrt(d)) is estimated without bias by phi(q).phi(k), with phi(x)_r = exp(w_r.x - |x|^2 / 2) / sqrt(m)
 on x = input / d^(1/4) and w_r the rows of a random orthogonal-Gaussian matrix. Numerically:
-- key features are exp(-|k - w_r|^2 / 2) <= 1 (the constant exp(|w_r|^2 / 2) moves to the query side),
-  so no key statistic couples positions: a future token never changes a past output and decoding
-  with a KV cache equals a full forward;
+- a key feature is at most exp(|w_r|^2 / 2); a constant per feature, exp(-s_r) with s_r = max(0, |w_r|^2 / 2
+  - 40), keeps it under exp(40) and moves to the query side. No key statistic couples positions
+  (Performer's usual stabiliser, the max over all keys, would): a future token never changes a past
+  output and decoding with a KV cache equals a full forward;
 - each query's features are divided by their own maximum, which cancels in its normalised output.
 The causal form runs chunk by chunk: prefix sums of phi(k) v^T between chunks (one state per
 chunk), a masked C x C product inside each chunk.
@@ -21,6 +22,8 @@ from torch import nn
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
 from layers.attention.random_projection import RandomProjection
 
+KEY_LOG_BOUND = 40.0  # key features stay under exp(40): sums over a long sequence stay finite in float32
+
 
 def favor_features(x: torch.Tensor, proj: torch.Tensor, is_query: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FAVOR+ features (b, h, n, m) of x (b, h, n, d), in float32.
@@ -30,11 +33,11 @@ def favor_features(x: torch.Tensor, proj: torch.Tensor, is_query: bool) -> tuple
     """
     x = x.float() * x.shape[-1] ** -0.25
     w = proj.float()
-    logits = x @ w.T - (x * x).sum(-1, keepdim=True) / 2  # (b, h, n, m): w.x - |x|^2 / 2
-    half_w2 = (w * w).sum(-1) / 2  # (m,)
+    logits = x @ w.T - (x * x).sum(-1, keepdim=True) / 2  # (b, h, n, m): w.x - |x|^2 / 2, at most |w|^2 / 2
+    shift = ((w * w).sum(-1) / 2 - KEY_LOG_BOUND).clamp_min(0)  # (m,): a constant per feature
     if not is_query:
-        return torch.exp(logits - half_w2), None  # exp(-|x - w|^2 / 2), in (0, 1]
-    logits = logits + half_w2
+        return torch.exp(logits - shift), None  # at most exp(KEY_LOG_BOUND)
+    logits = logits + shift
     stab = logits.amax(-1, keepdim=True).detach()
     return torch.exp(logits - stab) / w.shape[0], stab
 

@@ -122,3 +122,15 @@ def test_causal_prefix_sums_keep_tiny_weights_next_to_large_ones():
     out = normalise(linear_attention(phi_q, phi_k, with_ones(v), causal=True, chunk=2))
     weights = (phi_q @ phi_k.transpose(-1, -2)).tril()
     torch.testing.assert_close(out, weights @ v / weights.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["performer", "scatterbrain"])
+def test_gradients_stay_finite_for_keys_far_from_every_feature(name):
+    # Large-norm keys have tiny feature products; the normaliser's floor keeps backward's 1 / den^2 finite.
+    q = (randn(1, 2, 64, 16) * 6).requires_grad_()
+    k = (randn(1, 2, 64, 16, seed=1) * 6).requires_grad_()
+    v = randn(1, 2, 64, 16, seed=2).requires_grad_()
+    torch.manual_seed(0)
+    kind = KINDS[name](head_dim=16, n_features=16, chunk=8, **({"window": 4} if name == "scatterbrain" else {}))
+    kind(q, k, v, causal=True).square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

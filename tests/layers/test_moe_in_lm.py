@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from layers.moe import MoEMLP, set_num_experts_per_tok, set_top_p
+from layers.moe import MoEMLP, collect_metrics, set_num_experts_per_tok, set_top_p
 from models.lm import ZooLM, ZooLMConfig
 from zoo import load
 
@@ -133,3 +133,12 @@ def test_kv_cache_decoding_equals_full_forward():
         out = model(x[:, t: t + 1], cache=out.cache, use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_collect_metrics_averages_the_load_statistics_over_layers():
+    model = tiny_moe(num_experts_per_tok=2)
+    model(torch.randint(0, 64, (2, 16)))
+    metrics = collect_metrics(model)
+    assert metrics["moe_active_experts"] == pytest.approx(2.0) and metrics["moe_dropped_fraction"] == 0.0
+    per_layer = [float(b.mlp.last_metrics["moe_load_entropy"]) for b in model.blocks]
+    assert metrics["moe_load_entropy"] == pytest.approx(sum(per_layer) / 2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-STEPS = 200
+STEPS = 150
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cfg = TrainConfig(model="lm-dense-tiny", out=args.out, steps=args.steps, batch_size=16, seq_len=256,
                       eval_every=max(1, args.steps // 2), checkpoint_every=max(1, args.steps // 2),
-                      warmup_steps=min(30, args.steps // 5), log_every=25)
+                      warmup_steps=min(30, args.steps // 5), log_every=25, eval_batches=8)
     summary = Trainer(cfg).run()
     if summary.get("interrupted"):
         return 130

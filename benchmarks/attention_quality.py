@@ -5,8 +5,8 @@ steps) through the common Trainer, one after the other in one process; the valid
 Trainer's final evaluation, then the whole validation split is evaluated once more. The runs'
 final checkpoints stay in --out (the dense one feeds benchmarks/attention_approximation.py).
 
-    python benchmarks/attention_quality.py                          # 300 steps of 16 x 256 tokens each
-    python benchmarks/attention_quality.py --steps 200 --batch-size 8 --threads 1 --json q.json
+    python benchmarks/attention_quality.py --json q.json            # 200 steps of 8 x 256 tokens, 1 thread
+    python benchmarks/attention_quality.py --reuse --json q.json    # re-evaluate finished runs in --out
 
 Prints a Markdown table for BENCHMARKS.md.
 """
@@ -102,9 +102,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences of 256 tokens per step")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences of 256 tokens per step")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--out", default="/tmp/attn-quality")
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--dense-seeds", type=int, default=2, help="dense runs with seeds 0..N-1 (the noise scale)")

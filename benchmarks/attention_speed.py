@@ -11,8 +11,7 @@ allocated before the call: output and temporaries). Two dense references: PyTorc
 runs here (its fused flash kernel on CPU: O(n) memory) and SDPA's math backend (the n x n
 scores, what an unfused dense attention allocates), the latter up to --math-max.
 
-    python benchmarks/attention_speed.py
-    python benchmarks/attention_speed.py --threads 1 --json s.json --plot benchmarks/plots/attention_speed.png
+    python benchmarks/attention_speed.py --json s.json --plot benchmarks/plots/attention_speed.png
 """
 
 from __future__ import annotations
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--math-max", type=int, default=16384, help="largest n for the n x n math backend")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -193,7 +194,10 @@ def child(args) -> int:
             run(x)
             print(json.dumps({"seconds": time.perf_counter() - start}))
     except (RuntimeError, MemoryError) as err:
-        print(json.dumps({"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}))
+        wanted = re.search(r"allocate (\d+) bytes", str(err))
+        message = (f"out of memory: one tensor of {int(wanted.group(1)) / 2**30:.0f} GiB (limit {args.limit_gib:g} GiB)"
+                   if wanted else f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+        print(json.dumps({"error": message}))
     return 0
 
 
@@ -234,13 +238,17 @@ def report(results: dict) -> str:
         for name in [f"transformers-{i}" for i in HF_IMPLS] + [f"zoo-{i}" for i in ZOO_IMPLS]:
             if name not in rows:
                 if name == "transformers-batched_mm" and "error" in bm:
-                    lines.append(f"| {name} | out of memory: {bm['error']} | | | |")
+                    lines.append(f"| {name} | {bm['error']} | | | |")
                 continue
             tps = rows[name]
             flops = 3 * r["fwd_flops_per_token"] * tps
             label = name + (f" ({r['zoo_auto_path']})" if name == "zoo-auto" else "")
             lines.append(f"| {label} | {tps:,.0f} | {tps / hf[best_hf]:.2f}x | {flops / 1e9:.1f} | "
                          f"{flops / peak:.0%} |")
+        if "zoo-auto" in r["times"] and best_hf in r["times"]:
+            ratios = sorted(h / z for z, h in zip(r["times"]["zoo-auto"], r["times"][best_hf], strict=True))
+            lines.append(f"\nzoo-auto / {best_hf}, paired per round: median {statistics.median(ratios):.2f}x, "
+                         f"min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x over {len(ratios)} rounds")
         if "memory" in r:
             lines += ["", "| implementation | peak memory of fwd+bwd (MiB) | ideal (MiB) | ratio |",
                       "|---|---|---|---|"]

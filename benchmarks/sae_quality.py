@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.ks:
         h, t = hier_curve[k], topk[k]
         ratio = h["fvu"] / t["fvu"]
+        verdict = "met" if ratio <= 1.05 else "NOT met"
         print(f"| {k} | {h['fvu']:.4f} | {t['fvu']:.4f} | {ratio:.3f} | {h['l0']:.1f} | "
-              f"{h['ce_loss_recovered']:.3f} | {t['ce_loss_recovered']:.3f} | {'met' if ratio <= 1.05 else 'NOT met'} |")
+              f"{h['ce_loss_recovered']:.3f} | {t['ce_loss_recovered']:.3f} | {verdict} |")
     print("\n| prefix width | Matryoshka prefix FVU | its L0 | TopK SAE (width, k) FVU | matryoshka / topk | "
           "prefix loss rec. | topk loss rec. |")
     print("|---|---|---|---|---|---|---|")
@@ -108,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         f = finals.get(label, {})
         print(f"| {label} | {info['seconds']:.0f} | {info['train_acts_per_s']:,.0f} | "
               f"{f.get('dead_frac', float('nan')):.3f} | {f.get('dense_frac', float('nan')):.3f} |")
-    curves = {"HierarchicalTopK (one SAE, k = 1..64)": [(r["l0"], r["fvu"]) for r in hier_curve.values()],
-              "TopK (one SAE per k)": [(t["l0"], t["fvu"]) for t in topk.values()]}
-    print(f"\nplot: {plot_fvu_vs_l0(curves, args.plot, title='lm-dense-tiny block 2, 2048 latents')}")
+    curves = {f"HierarchicalTopK (one SAE, k = 1..{max(args.ks)})": [(r["l0"], r["fvu"]) for r in hier_curve.values()],
+              "TopK (one SAE per k)": [(t["l0"], t["fvu"]) for t in topk.values()],
+              f"Matryoshka prefixes {'/'.join(map(str, widths))} (one SAE)": [(m["l0"], m["fvu"])
+                                                                           for m in prefix.values()]}
+    title = f"lm-dense-tiny block 2, 2048 latents, {args.steps} x 4096 activations"
+    print(f"\nplot: {plot_fvu_vs_l0(curves, args.plot, title=title)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "when": when, "hier": hier_curve, "topk": topk,
                                                "matryoshka": prefix, "topk_by_width": by_width,

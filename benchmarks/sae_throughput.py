@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_in, d_sae=d_sae, k=args.k,
                                                      use_sparse_activations=sparse))
         trainer_cfg = SAETrainerConfig(total_training_samples=total_steps * batch, train_batch_size_samples=batch,
-                                       lr=args.lr, lr_warm_up_steps=5, lr_scheduler_name="constant",
+                                       lr=args.lr, lr_end=args.lr, lr_warm_up_steps=5, lr_scheduler_name="constant",
                                        logger=LoggingConfig(log_to_wandb=False))
         batches = (store.batch(s, batch, seed=0) for s in range(10**9))
         trainer = SAETrainer(trainer_cfg, sae, data_provider=batches)

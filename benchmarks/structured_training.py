@@ -44,10 +44,10 @@ MODELS = [
 ]
 
 
-def train(name: str, overrides: dict, out: Path, args: argparse.Namespace) -> dict:
-    """Train one model with the shared settings; its summary plus cost."""
+def train(name: str, overrides: dict, out: Path, args: argparse.Namespace, lr: float | None = None) -> dict:
+    """Train one model with the shared settings (or another learning rate); its summary plus cost."""
     cfg = TrainConfig(model=name, model_overrides=overrides, out=str(out), steps=args.steps,
-                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                      batch_size=args.batch_size, seq_len=args.seq_len, lr=lr or args.lr, seed=args.seed,
                       eval_every=args.steps, checkpoint_every=args.steps, eval_batches=0)
     summary = Trainer(cfg).run()
     cost = load(name, **overrides).cost(args.seq_len)
@@ -67,10 +67,10 @@ def convert_report(argv: list[str]) -> dict:
 
 def markdown(trained: list[dict], conversions: list[dict], args: argparse.Namespace) -> str:
     """Tables for BENCHMARKS.md."""
-    base = next(r for r in trained if r["label"] == "lm-dense-tiny")
-    lines = [f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, seed {args.seed}, "
-             f"validation loss on the whole validation split (nats/byte)", "",
-             "| model | params | fwd FLOPs/token | val loss | vs lm-dense-tiny | tokens/s (busy machine) |",
+    base = next((r for r in trained if r["label"] == "lm-dense-tiny"), trained[0])
+    lines = [f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr} unless given, "
+             f"seed {args.seed}, validation loss on the whole validation split (nats/byte)", "",
+             f"| model | params | fwd FLOPs/token | val loss | vs {base['label']} | tokens/s (busy machine) |",
              "|---|---|---|---|---|---|"]
     for r in trained:
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:.2f}M | "
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--finetune-steps", type=int, default=100, help="0 skips the conversion experiment")
+    p.add_argument("--dense-lrs", type=float, nargs="*", default=[],
+                   help="also train lm-dense-tiny at these learning rates (is a gap only a learning-rate effect?)")
+    p.add_argument("--skip-main", action="store_true", help="train only the --dense-lrs runs")
     p.add_argument("--workdir", default=None, help="where run folders go and stay (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
     args = p.parse_args(argv)
@@ -108,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     load_token_data(None, seq_len=args.seq_len)  # tokenize once, before any run
     trained = []
-    for i, (label, name, overrides) in enumerate(MODELS):
-        result = train(name, overrides, root / f"run{i}", args)
-        trained.append({"label": label, "name": name, "overrides": overrides, **result})
+    runs = [] if args.skip_main else [(label, name, overrides, None) for label, name, overrides in MODELS]
+    runs += [(f"lm-dense-tiny, lr {lr:g}", "lm-dense-tiny", {}, lr) for lr in args.dense_lrs]
+    for i, (label, name, overrides, lr) in enumerate(runs):
+        result = train(name, overrides, root / f"run{i}", args, lr)
+        trained.append({"label": label, "name": name, "overrides": overrides, "lr": lr or args.lr, **result})
         print(f"{label}: val loss {result['val_loss']:.4f}, {result['params']:,} params, "
               f"{result['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     conversions = []
-    if args.finetune_steps:
+    if args.finetune_steps and not args.skip_main:
         dense_final = trained[0]["final"]
         for layers in ("mlp", "all"):
             conversions.append(convert_report([dense_final, "--to", "monarch", "--nblocks", "4", "--layers", layers,

@@ -151,6 +151,7 @@ def plot_fvu_vs_l0(curves: dict[str, list[tuple[float, float]]], path: str | Pat
         points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.set_title(title)

@@ -1,5 +1,7 @@
 """Expert execution: grouped / padded paths against a per-token reference, dropless and with a capacity."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,7 @@ def reference(m: SwiGLUExperts, x, weights, experts, kept=None):
 
 
 def grads(out, inputs, seed=2):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     return torch.autograd.grad(out, inputs, g)
 
 
@@ -166,19 +168,16 @@ def test_shared_experts_are_added_to_every_token():
     torch.testing.assert_close(moe(x), routed + moe.shared(x))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.megablocks_installed(),
-                    reason="needs CUDA and megablocks")
-@pytest.mark.parametrize("unused", [0.0, 0.3])
-def test_megablocks_path_matches_the_pytorch_path(unused):
+def _compare_on_cuda(impl: str, unused: float) -> None:
+    """Experts on CUDA bf16 through `impl` against the padded path: outputs and gradients."""
     torch.manual_seed(0)
-    m = SwiGLUExperts(8, 128, 256, impl="auto").cuda().to(torch.bfloat16)
+    m = SwiGLUExperts(8, 128, 256, impl=impl).cuda().to(torch.bfloat16)
     m.init_weights_(0.05)
     x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weights, experts = random_routing(512, 2, 8, unused=unused)
     weights, experts = weights.cuda().requires_grad_(), experts.cuda()
     out, _ = m(x, weights, experts)
-    assert m.last_impl == "megablocks"
+    assert m.last_impl == ("megablocks" if impl == "auto" else impl)
     params = [x, weights, m.w_gate, m.w_up, m.w_down]
     got = grads(out.float(), params)
     m.impl = "padded"
@@ -187,3 +186,19 @@ def test_megablocks_path_matches_the_pytorch_path(unused):
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_GROUPED_MM or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs CUDA sm80+ and grouped_mm")
+def test_cuda_grouped_mm_path_matches_the_padded_path():
+    _compare_on_cuda("grouped", unused=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.megablocks_installed()
+                    or importlib.util.find_spec("grouped_gemm") is None,
+                    reason="needs CUDA, megablocks and grouped_gemm")
+@pytest.mark.parametrize("unused", [0.0, 0.3])
+def test_megablocks_path_matches_the_pytorch_path(unused):
+    _compare_on_cuda("auto", unused)  # "auto" takes megablocks on CUDA bf16 when it is installed

@@ -108,10 +108,16 @@ def main(argv: list[str] | None = None) -> int:
              "SAELens SAETrainer (use_sparse_activations)": lens_trainer(True)}
     results: dict[str, list[dict]] = {name: [] for name in sides}
     names = list(sides)
+    failed: dict[str, str] = {}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = [n for n in names[r % len(names):] + names[:r % len(names)] if n not in failed]
         for name in order:
-            _window(sides[name], args.warmup)
+            try:
+                _window(sides[name], args.warmup)
+            except (RuntimeError, NotImplementedError) as err:  # e.g. SAELens's sparse path on CPU
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+                print(f"round {r + 1} {name}: fails: {failed[name]}", flush=True)
+                continue
             w = _window(sides[name], args.steps)
             w["acts_per_s"] = args.steps * batch / w["wall"]
             results[name].append(w)
@@ -128,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name in names:
         rates = [w["acts_per_s"] for w in results[name]]
+        if not rates:
+            print(f"| {name} | fails: {failed[name]} | | |")
+            continue
         med = statistics.median(rates)
         print(f"| {name} | {med:,.0f} | {', '.join(f'{v:,.0f}' for v in rates)} | {base / med:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "when": when}, indent=2))
+        raw = {"args": vars(args), "results": results, "failed": failed, "when": when}
+        Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0
 
 

@@ -102,6 +102,12 @@ class ZooLMConfig(PreTrainedConfig):
             _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
         for name in ("attention", "mlp", "linear"):
             _check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a kind name (a string)")
+        for name in ("attention_kwargs", "mlp_kwargs", "linear_kwargs"):
+            _check(isinstance(getattr(self, name), dict), name, getattr(self, name), "must be a dict of keyword arguments")
+        _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
+               "must be true or false")
+        _check(self.zoo_name is None or isinstance(self.zoo_name, str), "zoo_name", self.zoo_name,
+               "must be a catalog name (a string) or None")
         _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
                f"must be divisible by n_heads={self.n_heads}")
         _check((self.d_model // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
@@ -144,6 +150,7 @@ class ZooLMConfig(PreTrainedConfig):
         g = self.moe_granularity
         _check(g >= 1 and self.d_ff % g == 0, "moe_granularity", g,
                f"must be >= 1 and divide d_ff={self.d_ff} (expert width = d_ff / moe_granularity)")
+        _check(isinstance(self.norm_topk_prob, bool), "norm_topk_prob", self.norm_topk_prob, "must be true or false")
         _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         cf = self.moe_capacity_factor
         _check(cf is None or (isinstance(cf, (int, float)) and cf > 0), "moe_capacity_factor", cf,

@@ -80,7 +80,8 @@ def test_unknown_override_field_suggests_the_close_field():
 @pytest.mark.parametrize(
     "overrides, field",
     [({"n_layers": "x"}, "n_layers"), ({"d_model": 66, "n_heads": 4}, "d_model"), ({"n_heads": 0}, "n_heads"),
-     ({"attention": "nope"}, "attention")],
+     ({"attention": "nope"}, "attention"), ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
+     ({"mlp_kwargs": [1]}, "mlp_kwargs"), ({"zoo_name": 3}, "zoo_name")],
 )
 def test_bad_override_is_a_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -242,14 +242,35 @@ def _chunks(n: int, size: int):
     return (slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
+DENSE_GRAM_MAX_LATENTS = 8192  # up to here the dictionary's Gram matrix (latents^2 floats) is the fast path
+
+
 def prefix_loss(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
-                budget_weights: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+                budget_weights: torch.Tensor, chunk: int = 512, dense_gram: bool | None = None) -> torch.Tensor:
     """sum_j budget_weights[j] * mean over rows of |r - sum_{i<=j} values[:, i] weight[cols[:, i]]|^2.
 
     r (rows, d), values and cols (rows, k) (each row's latents in the order their prefixes grow),
     weight (latents, d), budget_weights (k,): the nested-prefix loss of HierarchicalTopK.
+
+    Two exact ways to the same number: with the dictionary's Gram matrix W W^T and r W^T (dense matmuls
+    and gathers of (rows, k, k); the default up to DENSE_GRAM_MAX_LATENTS latents, ~5x faster on CPU),
+    or row chunks that gather each row's atoms (rows, k, d) (memory that does not grow with latents^2).
     """
-    return _PrefixLoss.apply(r, values, weight, cols, budget_weights, chunk)
+    if dense_gram is None:
+        dense_gram = weight.shape[0] <= DENSE_GRAM_MAX_LATENTS
+    if not dense_gram:
+        return _PrefixLoss.apply(r, values, weight, cols, budget_weights, chunk)
+    tail, tail_max = _tails(budget_weights)
+    pair_ids = (cols.unsqueeze(2) * weight.shape[0] + cols.unsqueeze(1)).flatten()  # into the flat Gram matrix
+    gram = (weight @ weight.t()).flatten().index_select(0, pair_ids).view(*cols.shape, cols.shape[1])  # <d_i, d_i'>
+    pairs = torch.einsum("bi,bij,bj->", values, gram * tail_max, values)
+    n, k = cols.shape
+    row_ids, offsets = torch.arange(n, device=cols.device), torch.arange(0, n * k, k, device=cols.device)
+    # sum_i T_i v_i <r, d_i> = <r, sum_i T_i v_i d_i>: one sparse decode, O(rows * k * d)
+    tailed = _SparseDecode.apply((values * tail).flatten(), weight, row_ids.repeat_interleave(k), cols.flatten(),
+                                 offsets)
+    total = tail[0] * r.square().sum() - 2 * (r * tailed).sum() + pairs
+    return total / r.shape[0]
 
 
 def topk_dense(latents: torch.Tensor, k: int) -> torch.Tensor:

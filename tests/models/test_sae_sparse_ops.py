@@ -77,14 +77,15 @@ def test_sparse_encode_decode_matches_dense_autograd(select):
         torch.testing.assert_close(a, b)
 
 
-def test_prefix_loss_and_its_gradients_match_the_prefix_reconstructions():
+@pytest.mark.parametrize("dense_gram", [False, True])
+def test_prefix_loss_and_its_gradients_match_the_prefix_reconstructions(dense_gram):
     g = torch.Generator().manual_seed(2)
     r = torch.randn(ROWS, D, dtype=torch.float64, generator=g, requires_grad=True)
     values = torch.rand(ROWS, 5, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(LATENTS, D, dtype=torch.float64, generator=g, requires_grad=True)
     cols = torch.randint(0, LATENTS, (ROWS, 5), generator=g)
     budgets = torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25], dtype=torch.float64)  # the mean over j = 2..5
-    ours = prefix_loss(r, values, cols, weight, budgets, chunk=4)  # chunks that do not divide the rows
+    ours = prefix_loss(r, values, cols, weight, budgets, chunk=4, dense_gram=dense_gram)  # chunk 4: rows % 4 != 0
     prefixes = (values.unsqueeze(2) * weight[cols]).cumsum(1)  # (rows, 5, d): x_hat - b of each top-j
     reference = ((r.unsqueeze(1) - prefixes).square().sum(-1).mean(0) * budgets).sum()
     torch.testing.assert_close(ours, reference)

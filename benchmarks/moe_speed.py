@@ -37,7 +37,7 @@ import torch
 HIDDEN, TOKENS = 512, 4096
 SIZES = [(8, 2, 1024), (64, 8, 256)]
 HF_IMPLS = ["eager", "grouped_mm", "batched_mm"]
-ZOO_IMPLS = ["auto", "grouped"]
+ZOO_IMPLS = ["auto", "grouped", "tiered"]
 
 
 # ---- the two layers ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 x 256 activations")
     p.add_argument("--ce-batches", type=int, default=4, help="validation batches of 16 sequences for loss recovered")
     p.add_argument("--work", default="/tmp/sae-bench-quality")
-    p.add_argument("--plot", default="benchmarks/sae_fvu_vs_l0.png")
+    p.add_argument("--plot", default="benchmarks/plots/sae_fvu_vs_l0.png")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     work = Path(args.work)

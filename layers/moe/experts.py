@@ -6,15 +6,14 @@ Weights use megablocks' layout, so that its kernels run on the very same tensors
 
 Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
 - "padded": every expert gets as many rows as the largest load and each projection is ONE
-  `torch.bmm` over (E, rows, d). On CPU this runs at dense-matmul speed, where grouped_mm's CPU
-  kernel runs one small matmul per expert (2-4x slower, measured in benchmarks/moe.md); the price
-  is the padding.
+  `torch.bmm` over (E, rows, d), at dense-matmul speed; the price is the padding.
 - "grouped": exactly one row per assignment, ONE `torch.nn.functional.grouped_mm` with offsets
   (CUDA bf16 and CPU; the fast path on GPUs).
 - "tiered": padded rows in a few tiers, one bmm each (see layers/moe/dispatch.py): padding stays small
   when a few experts are overloaded, at the price of copying those experts' weights.
 - "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors
-  when installed (`layers.kernels.can_use_megablocks`); grouped on other CUDA bf16 tensors; else tiered.
+  when installed (`layers.kernels.can_use_megablocks`); grouped on other CUDA bf16 tensors and on CPU fp32
+  where torch has grouped_mm; else tiered.
 The backward is written out (one autograd function for the three projections), so that only the
 expert inputs and the two hidden pre-activations are kept, and the SwiGLU product is recomputed.
 """
@@ -166,7 +165,7 @@ class SwiGLUExperts(nn.Module):
             return self.impl
         if capacity is None and _megablocks_can_run(x):
             return "megablocks"
-        if x.is_cuda and grouped_ok:
+        if grouped_ok and (x.is_cuda or x.dtype == torch.float32):  # CPU fp32: 3% faster than tiered (BENCHMARKS.md)
             return "grouped"
         return "tiered"
 

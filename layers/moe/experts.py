@@ -12,8 +12,7 @@ Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
 - "tiered": padded rows in a few tiers, one bmm each (see layers/moe/dispatch.py): padding stays small
   when a few experts are overloaded, at the price of copying those experts' weights.
 - "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors
-  when installed (`layers.kernels.can_use_megablocks`); grouped on other CUDA bf16 tensors and on CPU fp32
-  where torch has grouped_mm; else tiered.
+  when installed (`layers.kernels.can_use_megablocks`); grouped on other CUDA bf16 tensors; else tiered.
 The backward is written out (one autograd function for the three projections), so that only the
 expert inputs and the two hidden pre-activations are kept, and the SwiGLU product is recomputed.
 """
@@ -165,7 +164,7 @@ class SwiGLUExperts(nn.Module):
             return self.impl
         if capacity is None and _megablocks_can_run(x):
             return "megablocks"
-        if grouped_ok and (x.is_cuda or x.dtype == torch.float32):  # CPU fp32: 3% faster than tiered (BENCHMARKS.md)
+        if x.is_cuda and grouped_ok:  # on CPU grouped ties with tiered (BENCHMARKS.md) and takes more memory
             return "grouped"
         return "tiered"
 

@@ -179,6 +179,8 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
         elapsed = time.perf_counter() - start_time
         tokens_per_s = (self.step_done - start_step) * tokens_per_step / max(elapsed, 1e-9)
+        if self.is_main:  # measured again at the end: one 0.5 s window can fall on a busy moment
+            peak = max(peak, measure_matmul_flops(self.device))
         summary = {**self.metrics, "steps": self.step_done, "tokens": self.step_done * tokens_per_step,
                    "tokens_per_s": tokens_per_s, "seconds": elapsed, "world_size": self.world,
                    "device": self._device_name(),

@@ -31,8 +31,8 @@ def flash_attn_installed() -> bool:
 
 
 def megablocks_installed() -> bool:
-    """True when the megablocks package can be imported."""
-    return _installed("megablocks")
+    """True when megablocks and grouped_gemm (which its dropless MoE needs) can be imported."""
+    return _installed("megablocks") and _installed("grouped_gemm")
 
 
 def can_use_flash_attn(q: torch.Tensor, *, dropout: float = 0.0) -> bool:

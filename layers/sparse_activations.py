@@ -252,9 +252,10 @@ def prefix_loss(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, weigh
     r (rows, d), values and cols (rows, k) (each row's latents in the order their prefixes grow),
     weight (latents, d), budget_weights (k,): the nested-prefix loss of HierarchicalTopK.
 
-    Two exact ways to the same number: with the dictionary's Gram matrix W W^T and r W^T (dense matmuls
-    and gathers of (rows, k, k); the default up to DENSE_GRAM_MAX_LATENTS latents, ~5x faster on CPU),
-    or row chunks that gather each row's atoms (rows, k, d) (memory that does not grow with latents^2).
+    Two exact ways to the same number: with the dictionary's Gram matrix W W^T (one matmul, a gather of
+    (rows, k, k)) and one sparse decode, the default up to DENSE_GRAM_MAX_LATENTS latents (faster on CPU
+    in a profile of sae-hier-topk-tiny); or row chunks that gather each row's atoms (rows, k, d),
+    whose memory does not grow with latents^2.
     """
     if dense_gram is None:
         dense_gram = weight.shape[0] <= DENSE_GRAM_MAX_LATENTS
@@ -265,10 +266,9 @@ def prefix_loss(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, weigh
     gram = (weight @ weight.t()).flatten().index_select(0, pair_ids).view(*cols.shape, cols.shape[1])  # <d_i, d_i'>
     pairs = torch.einsum("bi,bij,bj->", values, gram * tail_max, values)
     n, k = cols.shape
-    row_ids, offsets = torch.arange(n, device=cols.device), torch.arange(0, n * k, k, device=cols.device)
+    rows = torch.arange(n, device=cols.device).repeat_interleave(k)
     # sum_i T_i v_i <r, d_i> = <r, sum_i T_i v_i d_i>: one sparse decode, O(rows * k * d)
-    tailed = _SparseDecode.apply((values * tail).flatten(), weight, row_ids.repeat_interleave(k), cols.flatten(),
-                                 offsets)
+    tailed = sparse_decode(SparseCode((values * tail).flatten(), rows, cols.flatten(), n, weight.shape[0]), weight)
     total = tail[0] * r.square().sum() - 2 * (r * tailed).sum() + pairs
     return total / r.shape[0]
 

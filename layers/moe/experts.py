@@ -19,7 +19,6 @@ expert inputs and the two hidden pre-activations are kept, and the SwiGLU produc
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -66,12 +65,6 @@ def _group_wgrad(a: torch.Tensor, g: torch.Tensor, plan: DispatchPlan, num_exper
                 total = part.new_zeros(num_experts, *part.shape[1:])
             total.index_add_(0, tier.experts, part)
     return total
-
-
-def _megablocks_can_run(x: torch.Tensor) -> bool:
-    """megablocks' dMoE path: CUDA bf16/fp16 tensors, megablocks and its grouped_gemm package installed."""
-    return (x.dtype in (torch.bfloat16, torch.float16) and kernels.can_use_megablocks(x)
-            and importlib.util.find_spec("grouped_gemm") is not None)
 
 
 class _SwiGLUExpertsFn(torch.autograd.Function):
@@ -162,7 +155,7 @@ class SwiGLUExperts(nn.Module):
                                f"and 16-byte-aligned rows; megablocks needs CUDA")
         if self.impl != "auto":
             return self.impl
-        if capacity is None and _megablocks_can_run(x):
+        if capacity is None and x.dtype in (torch.bfloat16, torch.float16) and kernels.can_use_megablocks(x):
             return "megablocks"
         if x.is_cuda and grouped_ok:  # on CPU grouped ties with tiered (BENCHMARKS.md) and takes more memory
             return "grouped"

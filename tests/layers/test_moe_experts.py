@@ -1,7 +1,5 @@
 """Expert execution: grouped / padded paths against a per-token reference, dropless and with a capacity."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,8 +194,7 @@ def test_cuda_grouped_mm_path_matches_the_padded_path():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.megablocks_installed()
-                    or importlib.util.find_spec("grouped_gemm") is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.megablocks_installed(),
                     reason="needs CUDA, megablocks and grouped_gemm")
 @pytest.mark.parametrize("unused", [0.0, 0.3])
 def test_megablocks_path_matches_the_pytorch_path(unused):

@@ -38,6 +38,8 @@ class ZooLMConfig(PreTrainedConfig):
     """Config of the zoo's decoder LM: sizes plus the names of its attention, MLP and linear kinds."""
 
     model_type = "zoo_lm"
+    # Fields that checkpoints written before they existed lack; their defaults reproduce those checkpoints.
+    FIELDS_ADDED_LATER = ("routed_scaling_factor",)
     # transformers' generic names for our fields (used by its caches, pipelines and tools).
     attribute_map = {
         "hidden_size": "d_model",
@@ -75,6 +77,7 @@ class ZooLMConfig(PreTrainedConfig):
     moe_top_p: float = 0.5  # top_p router: the smallest expert set whose probability mass reaches this
     moe_min_experts_per_tok: int = 1  # top_p router: at least this many experts per token
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    routed_scaling_factor: float = 1.0  # the routed experts' weighted sum is multiplied by this (DeepSeek-V2/V3)
     moe_granularity: int = 1  # fine-grained experts: expert width = d_ff / moe_granularity
     n_shared_experts: int = 0  # always-on experts of the expert width (DeepSeek-MoE)
     moe_capacity_factor: float | None = None  # None: dropless; else each expert takes <= factor * tokens * k / E
@@ -103,7 +106,8 @@ class ZooLMConfig(PreTrainedConfig):
         for name in ("attention", "mlp", "linear"):
             _check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a kind name (a string)")
         for name in ("attention_kwargs", "mlp_kwargs", "linear_kwargs"):
-            _check(isinstance(getattr(self, name), dict), name, getattr(self, name), "must be a dict of keyword arguments")
+            value = getattr(self, name)
+            _check(isinstance(value, dict), name, value, "must be a dict of keyword arguments")
         _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
                "must be true or false")
         _check(self.zoo_name is None or isinstance(self.zoo_name, str), "zoo_name", self.zoo_name,
@@ -159,6 +163,9 @@ class ZooLMConfig(PreTrainedConfig):
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "moe_entropy_loss_coef", "moe_bias_update_rate"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and value >= 0, name, value, "must be a number >= 0")
+        rsf = self.routed_scaling_factor
+        _check(isinstance(rsf, (int, float)) and not isinstance(rsf, bool) and rsf > 0, "routed_scaling_factor", rsf,
+               "must be a number > 0")
 
     def moe_layer_kwargs(self, layer_idx: int) -> dict:
         """The MoE fields as keyword arguments of layers.moe.MoEMLP for layer `layer_idx`."""
@@ -171,7 +178,7 @@ class ZooLMConfig(PreTrainedConfig):
                     n_shared_experts=self.n_shared_experts, capacity_factor=self.moe_capacity_factor,
                     jitter=self.router_jitter_noise, balance_loss_weight=self.router_aux_loss_coef,
                     z_loss_weight=self.router_z_loss_coef, entropy_loss_weight=self.moe_entropy_loss_coef,
-                    bias_update_rate=self.moe_bias_update_rate)
+                    bias_update_rate=self.moe_bias_update_rate, routed_scaling_factor=self.routed_scaling_factor)
 
 
 class DecoderBlock(nn.Module):

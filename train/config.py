@@ -81,6 +81,20 @@ HELP = {
     "grad_accum": "micro-batches per optimizer step on each rank",
     "batch_size": "sequences per optimizer step, summed over ranks and micro-batches",
     "eval_batches": "validation batches per evaluation (0: the whole split)",
+    "steps": "optimizer steps",
+    "seq_len": "tokens per training sequence",
+    "lr": "peak learning rate: linear warmup, then cosine decay to lr * min-lr-ratio",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "warmup_steps": "steps of linear warmup",
+    "weight_decay": "AdamW weight decay of the weight matrices (not of norms, biases, embeddings)",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "eval_every": "evaluate on the validation split every N steps (and at the end)",
+    "checkpoint_every": "save a resumable checkpoint every N steps (and on Ctrl-C)",
+    "keep_last": "resumable checkpoints kept in the run folder",
+    "seed": "seed of the weights and of the batch order",
+    "device": "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
+    "val_fraction": "fraction of the corpus held out for validation",
+    "log_every": "print and log metrics every N steps",
 }
 
 
@@ -94,7 +108,7 @@ def _parse_value(text: str):
 def build_parser(prog: str = "zoo train") -> argparse.ArgumentParser:
     """Flags of `zoo train` / `python -m train.pretrain`: one per TrainConfig field, plus --config and --set."""
     parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog,
         description="Train a zoo model with the common trainer. Runs on one process, or data-parallel "
                     "under `torchrun --nproc-per-node N -m train.pretrain ...` with the same flags.",
         epilog="A --config YAML/JSON file may give any flag by its field name (e.g. batch_size: 32); "
@@ -117,7 +131,10 @@ def build_parser(prog: str = "zoo train") -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs=2, type=float, default=None, help=f"AdamW betas (default {default})")
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=None, help=HELP.get(f.name, f"(default {default})"))
+            text = HELP.get(f.name, "")
+            if "default" not in text and default is not None:
+                text = f"{text} (default {default})".strip()
+            parser.add_argument(flag, type=kind, default=None, help=text)
     return parser
 
 

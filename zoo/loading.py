@@ -86,9 +86,12 @@ def read_config(folder: Path, **overrides):
         raise ValueError(f"{file}: field 'model_type' = {model_type!r} is not a zoo model type; "
                          f"known: {sorted(by_type)}")
     family, config_cls = by_type[model_type]
-    # Every field the zoo declares must be present: a missing one would silently take a default.
+    # Every field the zoo declares must be present: a missing one would silently take a default. The
+    # exception is a field added after checkpoints were published, whose default reproduces what those
+    # checkpoints did (the config class lists them in FIELDS_ADDED_LATER).
     declared = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.__annotations__]
-    missing = [name for name in declared if name not in raw]
+    later = getattr(config_cls, "FIELDS_ADDED_LATER", ())
+    missing = [name for name in declared if name not in raw and name not in later]
     if missing:
         raise ValueError(f"{file} lacks the field(s) {missing} of {config_cls.__name__}")
     raw.pop("model_type")

@@ -46,6 +46,7 @@ class MoEMLP(nn.Module):
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 0.001,
         entropy_loss_weight: float = 0.0,
+        routed_scaling_factor: float = 1.0,
         impl: str = "auto",
     ):
         super().__init__()
@@ -58,7 +59,10 @@ class MoEMLP(nn.Module):
                 raise ValueError(f"granularity={granularity} must divide d_ff={d_ff} "
                                  f"(expert width = d_ff / granularity)")
             expert_width = d_ff // granularity
+        if not routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor={routed_scaling_factor} must be > 0")
         self.d_model = d_model
+        self.routed_scaling_factor = routed_scaling_factor
         self.capacity_factor = capacity_factor
         self.balance_loss_weight = balance_loss_weight
         self.z_loss_weight = z_loss_weight
@@ -91,6 +95,8 @@ class MoEMLP(nn.Module):
         if self.capacity_factor is not None:
             capacity = capacity_for(self.capacity_factor, x.shape[0], self.router.num_experts_per_tok, self.num_experts)
         out, plan = self.experts(x, routing.weights, routing.experts, capacity)
+        if self.routed_scaling_factor != 1.0:
+            out = out * self.routed_scaling_factor
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
@@ -128,6 +134,7 @@ class MoEMLP(nn.Module):
         d = self.d_model
         k = self.mean_experts_per_tok()
         flops = 2 * d * self.num_experts + k * (self.experts.flops_per_token() + 2 * d)
+        flops += d if self.routed_scaling_factor != 1.0 else 0
         if self.shared is not None:
             flops += self.shared.flops_per_token() + (2 * d + d if self.shared_gate is not None else 0)
         return round(flops)

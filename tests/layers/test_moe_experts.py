@@ -156,6 +156,18 @@ def test_all_experts_with_uniform_weights_equal_the_mean_of_all_experts():
     torch.testing.assert_close(moe(x), torch.stack(each).mean(0), atol=1e-6, rtol=1e-5)
 
 
+def test_routed_scaling_factor_multiplies_the_routed_sum_only():
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, granularity=2,
+                 routed_scaling_factor=2.5)
+    x = torch.randn(5, 16)
+    routing = moe.router(x)
+    routed, _ = moe.experts(x, routing.weights, routing.experts)
+    torch.testing.assert_close(moe(x), 2.5 * routed + moe.shared(x))
+    plain = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, granularity=2)
+    assert moe.flops_per_token() == plain.flops_per_token() + 16  # one multiply per output feature
+
+
 def test_shared_experts_are_added_to_every_token():
     torch.manual_seed(0)
     moe = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=1, granularity=2, n_shared_experts=2)

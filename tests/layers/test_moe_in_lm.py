@@ -26,6 +26,8 @@ def tiny_moe(**kw) -> ZooLM:
     ({"moe_min_experts_per_tok": 3}, "moe_min_experts_per_tok"),
     ({"moe_capacity_factor": 0.0}, "moe_capacity_factor"),
     ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
+    ({"routed_scaling_factor": 0.0}, "routed_scaling_factor"),
+    ({"routed_scaling_factor": "2"}, "routed_scaling_factor"),
 ])
 def test_bad_moe_config_names_the_field_and_the_value(bad, field):
     with pytest.raises(Exception, match=field) as err:

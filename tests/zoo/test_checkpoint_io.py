@@ -198,6 +198,15 @@ def test_bad_checkpoint_is_a_clear_error(case, ckpt):
         load(str(ckpt))
 
 
+def test_checkpoint_written_before_a_later_field_loads_with_its_old_behaviour(ckpt, saved):
+    # routed_scaling_factor was added after checkpoints were published; without it they load as before.
+    edit_config(ckpt, lambda c: c.pop("routed_scaling_factor"))
+    model = load(ckpt)
+    assert model.config.routed_scaling_factor == 1.0
+    ids = tokens()
+    assert torch.equal(logits(model, ids), logits(saved[0], ids))
+
+
 def test_missing_model_card_warns_but_loads(ckpt, saved):
     (ckpt / "README.md").unlink()
     with pytest.warns(UserWarning, match="README.md"):

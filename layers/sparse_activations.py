@@ -273,6 +273,39 @@ def prefix_loss(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, weigh
     return total / r.shape[0]
 
 
+@torch.no_grad()
+def prefix_errors(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
+                  max_elements: int = 1 << 22) -> torch.Tensor:
+    """(k,) mean over rows of |r - sum_{i<=j} values[:, i] weight[cols[:, i]]|^2 for every prefix j (no grad).
+
+    Same arguments as prefix_loss; each row chunk's prefix sums (chunk, k, d) hold at most max_elements.
+    """
+    rows, k = cols.shape
+    out = r.new_zeros(k)
+    for rs in _chunks(rows, max(1, max_elements // max(k * r.shape[1], 1))):
+        partial = (_atoms(weight, cols[rs]) * values[rs].unsqueeze(2)).cumsum(1)  # (b, k, d)
+        out += partial.neg_().add_(r[rs].unsqueeze(1)).square_().sum((0, 2))
+    return out / max(rows, 1)
+
+
+def log_area_loss(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
+                  budget_weights: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """exp(sum_j c_j log E_j): the c-weighted geometric mean of the prefix errors E_j of prefix_loss.
+
+    budget_weights c (k,) must sum to 1. With c_j proportional to 1/j on [k_min, k], minimising it
+    minimises the area under the curve of log error against log budget, so every budget's *relative*
+    error counts, where an arithmetic mean of the E_j is dominated by the smallest budgets' large errors.
+    The value comes from prefix_errors; the gradient, G * sum_j (c_j / E_j) grad E_j (G the value), from
+    prefix_loss with weights c_j / E_j. Each E_j is floored at `floor` times the mean |r|^2.
+    """
+    errors = prefix_errors(r.detach(), values.detach(), cols, weight.detach())
+    errors = errors.clamp_min(floor * float(r.detach().square().sum(-1).mean()) + 1e-30)
+    used = budget_weights > 0
+    geometric = torch.exp((budget_weights[used] * errors[used].log()).sum())
+    surrogate = prefix_loss(r, values, cols, weight, torch.where(used, budget_weights / errors, 0.0))
+    return geometric * (1 + surrogate - surrogate.detach())
+
+
 def topk_dense(latents: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest entries of every row of dense latents (..., latents), zero the rest."""
     k = min(k, latents.shape[-1])

@@ -38,8 +38,8 @@ class ZooLMConfig(PreTrainedConfig):
     """Config of the zoo's decoder LM: sizes plus the names of its attention, MLP and linear kinds."""
 
     model_type = "zoo_lm"
-    # Fields that checkpoints written before they existed lack; their defaults reproduce those checkpoints.
-    FIELDS_ADDED_LATER = ("routed_scaling_factor",)
+    # Fields that checkpoints written before they existed lack, with the value that reproduces those checkpoints.
+    FIELDS_ADDED_LATER = {"routed_scaling_factor": 1.0}
     # transformers' generic names for our fields (used by its caches, pipelines and tools).
     attribute_map = {
         "hidden_size": "d_model",

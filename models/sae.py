@@ -5,7 +5,7 @@
 | relu | ReLU | ReLU | MSE; aux "l1" = l1_coeff * sum_i z_i ||d_i|| (decoder-norm-weighted L1) |
 | topk | top k per row | top k per row | MSE; aux "auxk" on dead latents (Gao et al. 2024) |
 | batchtopk | top k*rows of the batch | pre > learned threshold | MSE; aux "auxk" |
-| hierarchical_topk | top k per row, sorted | top k per row | mean over j in [k_min, k] of the MSE of the top-j prefix |
+| hierarchical_topk | top k per row, sorted | top k per row | the top-j prefix MSEs, j in [k_min, k], by `hier_loss` |
 | matryoshka | BatchTopK | pre > learned threshold | mean over prefixes of the MSE of decoding with that prefix alone |
 
 Every SAE reads raw activations x (..., d_in): `encode` multiplies them by `config.act_scale` (chosen
@@ -32,6 +32,7 @@ from layers.sparse_activations import (
     SparseCode,
     batch_topk_code,
     gather_linear,
+    log_area_loss,
     masked_topk_code,
     prefix_loss,
     sparse_decode,
@@ -49,6 +50,7 @@ KINDS = {
     "matryoshka": "nested dictionary prefixes, each trained to reconstruct alone, with BatchTopK",
 }
 THRESHOLD_KINDS = ("batchtopk", "matryoshka")
+HIER_LOSSES = ("log_area", "mean")
 RELU_DECODER_INIT_NORM = 0.1  # decoder row norm at init for relu SAEs (Anthropic's April 2024 update)
 
 
@@ -62,12 +64,18 @@ class SAEConfig(PreTrainedConfig):
     """Config of a sparse autoencoder: its kind, sizes, sparsity, losses and the LM layer it reads."""
 
     model_type = "zoo_sae"
+    # Fields that checkpoints written before they existed lack, with the value that reproduces those checkpoints.
+    FIELDS_ADDED_LATER = {"hier_loss": "mean"}
 
     kind: str = "topk"
     d_in: int = 256
     d_sae: int = 2048
     k: int = 32  # latents per token (topk kinds); the largest budget of hierarchical_topk
     k_min: int = 1  # hierarchical_topk: the smallest budget whose prefix is trained
+    # hierarchical_topk: how the prefix MSEs E_j (j = k_min..k) make one loss. "log_area": their geometric
+    # mean weighted by 1/j (the area under log E against log j: every budget's relative error counts);
+    # "mean": their arithmetic mean (the HierarchicalTopK paper), dominated by the smallest budgets.
+    hier_loss: str = "log_area"
     matryoshka_widths: list[int] = field(default_factory=list)  # matryoshka: nested prefix sizes, ending at d_sae
     l1_coeff: float = 0.3  # relu: weight of the decoder-norm-weighted L1 penalty (inputs have unit mean sq. norm)
     auxk_coeff: float = 1 / 32  # weight of the AuxK loss (0 disables it); not for relu
@@ -95,6 +103,7 @@ class SAEConfig(PreTrainedConfig):
             _check(value >= 1, name, value, "must be >= 1")
         _check(self.k <= self.d_sae, "k", self.k, f"must be <= d_sae={self.d_sae}")
         _check(self.k_min <= self.k, "k_min", self.k_min, f"must be <= k={self.k}")
+        _check(self.hier_loss in HIER_LOSSES, "hier_loss", self.hier_loss, f"one of {HIER_LOSSES}")
         if self.auxk_k is not None:
             _check(self.auxk_k >= 1, "auxk_k", self.auxk_k, "must be >= 1 or null (d_in // 2)")
         for name in ("l1_coeff", "auxk_coeff"):
@@ -277,13 +286,18 @@ class SAE(ZooPreTrainedModel):
         return x_hat, loss, aux, code.l0(), code.fire_counts()
 
     def _hierarchical(self, x_scaled, code: SparseCode, w_dec):
-        """x_hat at budget k, and the mean over j in [k_min, k] of the error of the top-j prefix."""
+        """x_hat at budget k, and the errors of the top-j prefixes, j in [k_min, k], combined by hier_loss."""
         rows = code.num_rows
         k = code.values.numel() // max(rows, 1)  # = min(k, d_sae)
         first = min(self.config.k_min, k) - 1
         budgets = torch.zeros(k, device=x_scaled.device)
-        budgets[first:] = 1 / (k - first)  # the mean over the budgets j = k_min .. k
-        loss = prefix_loss(x_scaled - self.b_dec, code.values.view(rows, k), code.cols.view(rows, k), w_dec, budgets)
+        if self.config.hier_loss == "mean":
+            budgets[first:] = 1 / (k - first)  # the mean over the budgets j = k_min .. k
+        else:
+            budgets[first:] = 1 / torch.arange(first + 1, k + 1, device=x_scaled.device, dtype=budgets.dtype)
+            budgets /= budgets.sum()
+        combine = prefix_loss if self.config.hier_loss == "mean" else log_area_loss
+        loss = combine(x_scaled - self.b_dec, code.values.view(rows, k), code.cols.view(rows, k), w_dec, budgets)
         return sparse_decode(code, w_dec) + self.b_dec, loss
 
     def _matryoshka(self, x_scaled, code: SparseCode, w_dec):

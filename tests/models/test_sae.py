@@ -71,7 +71,7 @@ def test_hierarchical_topk_at_its_largest_k_equals_plain_topk_decoding():
 
 def test_hierarchical_loss_is_the_mean_of_the_prefix_losses_on_a_hand_computed_case():
     # d_in 2, three atoms e1, e2, (e1+e2)/sqrt2; x = (3, 1) ranks latent 0 (3), latent 1 (1), latent 2 (0.5).
-    sae = SAE(SAEConfig(kind="hierarchical_topk", d_in=2, d_sae=3, k=2, k_min=1, auxk_coeff=0.0))
+    sae = SAE(SAEConfig(kind="hierarchical_topk", d_in=2, d_sae=3, k=2, k_min=1, auxk_coeff=0.0, hier_loss="mean"))
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 0.125], [0.0, 1.0, 0.125]]))
         sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2**-0.5, 2**-0.5]]))
@@ -85,6 +85,26 @@ def test_hierarchical_loss_is_the_mean_of_the_prefix_losses_on_a_hand_computed_c
     torch.testing.assert_close(out.x_hat, x)
     sae.config.k_min = 2  # only the top-2 prefix: the plain TopK loss
     assert sae(x).loss.item() == pytest.approx(0.0)
+
+
+def test_hierarchical_log_area_loss_is_the_1_over_j_weighted_geometric_mean_of_the_prefix_losses():
+    # d_in 2, atoms e1, e2, e1; the encoder reads x straight, latent 2 has b_enc 1.5 (ranked third).
+    sae = SAE(SAEConfig(kind="hierarchical_topk", d_in=2, d_sae=3, k=3, k_min=1, auxk_coeff=0.0))
+    assert sae.config.hier_loss == "log_area"
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, 0.0, 1.5])), sae.b_dec.zero_()
+    x = torch.tensor([[3.0, 2.5], [4.0, 2.0]])
+    # row 1: pre (3, 2.5, 1.5): top-1 3 e1 -> |(0, 2.5)|^2 = 6.25; top-2 = x -> 0; top-3 = x + 1.5 e1 -> 2.25.
+    # row 2: pre (4, 2, 1.5):   top-1 4 e1 -> |(0, 2)|^2 = 4;      top-2 = x -> 0; top-3 -> 2.25.
+    # Mean over rows: E = (5.125, 0, 2.25); E_2 is floored at 1e-6 * mean |x|^2 = 1e-6 * 18.0625.
+    errors = torch.tensor([5.125, 1e-6 * (3**2 + 2.5**2 + 4**2 + 2**2) / 2, 2.25], dtype=torch.float64)
+    c = torch.tensor([1.0, 1 / 2, 1 / 3], dtype=torch.float64)
+    c = c / c.sum()
+    assert sae.train()(x).loss.item() == pytest.approx(float(torch.exp((c * errors.log()).sum())), rel=1e-4)
+    sae.config.k_min = 3  # only the top-3 prefix: its own error
+    assert sae(x).loss.item() == pytest.approx(2.25, rel=1e-5)
 
 
 def test_matryoshka_loss_is_the_mean_of_each_prefix_reconstructing_alone():
@@ -175,6 +195,20 @@ def test_save_and_load_keep_weights_buffers_and_work_with_automodel(tmp_path):
     assert "zoo_sae" in (tmp_path / "README.md").read_text()
 
 
+def test_hierarchical_checkpoint_from_before_hier_loss_loads_with_the_mean_loss_it_was_trained_with(tmp_path):
+    import json
+
+    make("hierarchical_topk").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.pop("hier_loss") == "log_area"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load(str(tmp_path)).config.hier_loss == "mean"
+    config.pop("k_min")  # a field that was always there is still required
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="k_min"):
+        load(str(tmp_path))
+
+
 def test_cost_counts_the_dense_encoder_and_k_decoder_rows():
     sae = make("topk", k=4)
     cost = sae.cost()
@@ -187,7 +221,7 @@ def test_cost_counts_the_dense_encoder_and_k_decoder_rows():
     ({"kind": "gated"}, "kind"), ({"k": 99}, "k"), ({"k_min": 9, "k": 8}, "k_min"),
     ({"kind": "matryoshka", "matryoshka_widths": [8, 32]}, "matryoshka_widths"),
     ({"kind": "matryoshka", "matryoshka_widths": [32, 8, 64]}, "matryoshka_widths"),
-    ({"act_scale": -1.0}, "act_scale")])
+    ({"act_scale": -1.0}, "act_scale"), ({"hier_loss": "sum"}, "hier_loss.*log_area.*mean")])
 def test_bad_config_is_a_value_error_naming_the_field(fields, name):
     with pytest.raises(ValueError, match=name):
         load("sae-topk-tiny", **{"d_sae": 64, **fields})

@@ -6,7 +6,9 @@ import torch
 from layers.sparse_activations import (
     batch_topk_code,
     gather_linear,
+    log_area_loss,
     masked_topk_code,
+    prefix_errors,
     prefix_loss,
     sparse_decode,
     threshold_code,
@@ -88,6 +90,26 @@ def test_prefix_loss_and_its_gradients_match_the_prefix_reconstructions(dense_gr
     ours = prefix_loss(r, values, cols, weight, budgets, chunk=4, dense_gram=dense_gram)  # chunk 4: rows % 4 != 0
     prefixes = (values.unsqueeze(2) * weight[cols]).cumsum(1)  # (rows, 5, d): x_hat - b of each top-j
     reference = ((r.unsqueeze(1) - prefixes).square().sum(-1).mean(0) * budgets).sum()
+    torch.testing.assert_close(ours, reference)
+    inputs = (r, values, weight)
+    for a, b in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(reference, inputs), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_prefix_errors_and_the_log_area_loss_match_the_prefix_reconstructions():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(ROWS, D, dtype=torch.float64, generator=g, requires_grad=True)
+    values = torch.rand(ROWS, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(LATENTS, D, dtype=torch.float64, generator=g, requires_grad=True)
+    cols = torch.randint(0, LATENTS, (ROWS, 5), generator=g)
+    prefixes = (values.unsqueeze(2) * weight[cols]).cumsum(1)
+    errors = (r.unsqueeze(1) - prefixes).square().sum(-1).mean(0)  # (5,) the error of each top-j prefix
+    # max_elements 3 * 5 * D: row chunks of 3, and ROWS is not a multiple of 3
+    torch.testing.assert_close(prefix_errors(r, values, cols, weight, max_elements=3 * 5 * D), errors.detach())
+    budgets = torch.tensor([0.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5], dtype=torch.float64)
+    budgets = budgets / budgets.sum()  # 1/j on j = 2..5
+    ours = log_area_loss(r, values, cols, weight, budgets)
+    reference = torch.exp((budgets[1:] * errors[1:].log()).sum())
     torch.testing.assert_close(ours, reference)
     inputs = (r, values, weight)
     for a, b in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(reference, inputs), strict=True):

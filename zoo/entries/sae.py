@@ -19,7 +19,7 @@ register("sae-topk-tiny", "sae", "tiny", {**SAE_TINY, "kind": "topk", "k": 32},
 register("sae-batchtopk-tiny", "sae", "tiny", {**SAE_TINY, "kind": "batchtopk", "k": 32},
          "BatchTopK SAE (k=32 per token on average, learned threshold) on lm-dense-tiny (block 2).")
 register("sae-hier-topk-tiny", "sae", "tiny", {**SAE_TINY, "kind": "hierarchical_topk", "k": 64, "k_min": 1},
-         "HierarchicalTopK SAE: one SAE for every budget k in 1..64, on lm-dense-tiny (block 2).")
+         "HierarchicalTopK SAE: one SAE for every budget k in 1..64 (log-area loss), on lm-dense-tiny (block 2).")
 register("sae-matryoshka-tiny", "sae", "tiny",
          {**SAE_TINY, "kind": "matryoshka", "k": 32, "matryoshka_widths": [128, 512, 2048]},
          "Matryoshka BatchTopK SAE (prefixes of 128, 512, 2048 latents) on lm-dense-tiny (block 2).")

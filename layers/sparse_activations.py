@@ -298,8 +298,8 @@ def log_area_loss(r: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, wei
     The value comes from prefix_errors; the gradient, G * sum_j (c_j / E_j) grad E_j (G the value), from
     prefix_loss with weights c_j / E_j. Each E_j is floored at `floor` times the mean |r|^2.
     """
-    errors = prefix_errors(r.detach(), values.detach(), cols, weight.detach())
-    errors = errors.clamp_min(floor * float(r.detach().square().sum(-1).mean()) + 1e-30)
+    errors = prefix_errors(r, values, cols, weight)  # no grad
+    errors = errors.clamp_min(floor * r.detach().square().sum(-1).mean() + 1e-30)
     used = budget_weights > 0
     geometric = torch.exp((budget_weights[used] * errors[used].log()).sum())
     surrogate = prefix_loss(r, values, cols, weight, torch.where(used, budget_weights / errors, 0.0))

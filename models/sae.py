@@ -293,10 +293,11 @@ class SAE(ZooPreTrainedModel):
         budgets = torch.zeros(k, device=x_scaled.device)
         if self.config.hier_loss == "mean":
             budgets[first:] = 1 / (k - first)  # the mean over the budgets j = k_min .. k
-        else:
+            combine = prefix_loss
+        else:  # log_area: weights 1/j on j = k_min .. k, summing to 1
             budgets[first:] = 1 / torch.arange(first + 1, k + 1, device=x_scaled.device, dtype=budgets.dtype)
             budgets /= budgets.sum()
-        combine = prefix_loss if self.config.hier_loss == "mean" else log_area_loss
+            combine = log_area_loss
         loss = combine(x_scaled - self.b_dec, code.values.view(rows, k), code.cols.view(rows, k), w_dec, budgets)
         return sparse_decode(code, w_dec) + self.b_dec, loss
 

@@ -87,12 +87,12 @@ def read_config(folder: Path, **overrides):
                          f"known: {sorted(by_type)}")
     family, config_cls = by_type[model_type]
     # Every field the zoo declares must be present: a missing one would silently take a default. The
-    # exception is a field added after checkpoints were published, whose default reproduces what those
-    # checkpoints did (the config class maps them to that value in FIELDS_ADDED_LATER).
+    # exception is a field added after checkpoints were published: the config class's FIELDS_ADDED_LATER
+    # maps it to the value that reproduces what those checkpoints did.
     declared = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.__annotations__]
     later = getattr(config_cls, "FIELDS_ADDED_LATER", {})
     missing = [name for name in declared if name not in raw and name not in later]
-    raw = {**{name: value for name, value in later.items() if name not in raw}, **raw}
+    raw = {**later, **raw}
     if missing:
         raise ValueError(f"{file} lacks the field(s) {missing} of {config_cls.__name__}")
     raw.pop("model_type")

@@ -15,6 +15,11 @@ follow SAELens's layout (W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, b_dec)
 `zoo.sae_lens_format` a renaming. Except for relu, decoder rows are unit norm: decoding divides
 W_dec by its row norms, so the gradient has no component along the rows, and every training
 forward first renormalises W_dec in place, so the norms the optimizer moved are reset each step.
+
+Dead latents: every training forward counts the tokens since each latent last fired; a latent silent
+for `dead_tokens` tokens is dead. AuxK (`auxk_coeff`, not for relu) trains the dead latents to
+reconstruct what the live ones missed; resampling (`resample_every` steps, any kind; the trainer calls
+`resample_dead`) points them at inputs the SAE reconstructs badly.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class SAEConfig(PreTrainedConfig):
     auxk_coeff: float = 1 / 32  # weight of the AuxK loss (0 disables it); not for relu
     auxk_k: int | None = None  # dead latents used by AuxK per token; None: d_in // 2
     dead_tokens: int = 10_000_000  # a latent is dead after this many training tokens without firing
+    resample_every: int = 0  # every this many training steps, resample the dead latents (0: never)
     threshold_momentum: float = 0.1  # batchtopk / matryoshka: EMA rate of the inference threshold (per step)
     normalize_decoder: bool | None = None  # unit-norm decoder rows; None: all kinds but relu
     act_scale: float | None = None  # input scale to unit mean squared norm; None: not estimated yet (1.0)
@@ -97,6 +103,8 @@ class SAEConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Checks every field; the error names the field, the value and what is allowed."""
         _check(self.kind in KINDS, "kind", self.kind, f"known kinds: {sorted(KINDS)}")
+        _check(isinstance(self.resample_every, int) and self.resample_every >= 0, "resample_every",
+               self.resample_every, "must be an integer >= 0 (0: never resample)")
         for name in ("d_in", "d_sae", "k", "k_min", "dead_tokens", "context_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
@@ -331,6 +339,48 @@ class SAE(ZooPreTrainedModel):
             self.threshold.fill_(smallest)
         else:
             self.threshold.lerp_(smallest.expand_as(self.threshold), self.config.threshold_momentum)
+
+    @torch.no_grad()
+    def resample_dead(self, x: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                      generator: torch.Generator | None = None, dead: torch.Tensor | None = None) -> int:
+        """Give every dead latent a new direction: an input its SAE reconstructs badly (Anthropic, 2023).
+
+        For each dead latent (`dead`, a (d_sae,) bool mask; default: silent for dead_tokens tokens) one row
+        of the raw activations x (rows, d_in) is drawn, with probability proportional to the square of its
+        reconstruction error. With r = that row, scaled, minus b_dec: the decoder row becomes r / |r|, the
+        encoder column r / |r| times 0.2 x the mean encoder-column norm of the live latents, the encoder
+        bias 0, and the latent's silent-token count 0. The AdamW moments of those entries are zeroed so
+        the old statistics do not push the new weights. Returns how many latents were resampled.
+        """
+        dead = (self.tokens_since_fired >= self.config.dead_tokens) if dead is None else dead
+        ids = dead.nonzero().squeeze(1)
+        if ids.numel() == 0:
+            return 0
+        was_training = self.training
+        self.eval()
+        x_scaled = x.reshape(-1, self.config.d_in).float() * self.scale
+        x_hat, _ = self.reconstruct(x)
+        self.train(was_training)
+        error = (x_scaled - x_hat * self.scale).square().sum(-1)
+        if not bool((error > 0).any()):
+            error = torch.ones_like(error)
+        weights = error.square().cpu().double()
+        rows = torch.multinomial(weights, ids.numel(), replacement=True, generator=generator).to(x_scaled.device)
+        directions = x_scaled[rows] - self.b_dec
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        live = ~dead
+        enc_norm = self.W_enc[:, live].norm(dim=0).mean() if bool(live.any()) else self.W_enc.norm(dim=0).mean()
+        dec_norm = 1.0 if self.config.normalize_decoder else RELU_DECODER_INIT_NORM
+        self.W_dec[ids] = directions * dec_norm
+        self.W_enc[:, ids] = (directions * 0.2 * enc_norm).t()
+        self.b_enc[ids] = 0
+        self.tokens_since_fired[ids] = 0
+        if optimizer is not None:
+            for param, index in ((self.W_dec, (ids,)), (self.W_enc, (slice(None), ids)), (self.b_enc, (ids,))):
+                for moment in optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(moment) and moment.shape == param.shape:
+                        moment[index] = 0
+        return int(ids.numel())
 
     @torch.no_grad()
     def _track_dead_latents(self, fire_counts: torch.Tensor, rows: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from train.activations import ActivationStore, cached_harvest, load_source_lm
@@ -84,6 +85,9 @@ class SAETask:
             raise ValueError(f"the activations at hook_point {c.hook_point!r} of {c.source_model!r} have "
                              f"{self.train.d} dimensions but the SAE's d_in is {c.d_in}; "
                              f"pass --set d_in={self.train.d}")
+        if cfg.fsdp and c.resample_every:
+            raise ValueError("resample_every rewrites whole rows of the SAE's weights, which --fsdp shards; "
+                             "train without --fsdp (DDP keeps whole weights) or --set resample_every=0")
         c.context_size = cfg.seq_len
         if c.act_scale is None:  # fine-tuning keeps the scale the SAE was trained with
             c.act_scale = self.train.act_scale
@@ -100,6 +104,24 @@ class SAETask:
         """The reconstruction loss of one (micro-)batch and the SAE's weighted auxiliary losses."""
         out = model(batch)
         return out.loss, dict(out.aux_losses or {})
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
+        """After optimizer step `step` (1-based): every resample_every steps, resample the dead latents.
+
+        The rows come from the whole global batch of that step and the draw from (seed, step), and a latent
+        counts as dead only if it is dead on every rank, so all ranks make the same change.
+        """
+        every = model.config.resample_every
+        if not every or step % every:
+            return {}
+        dead = model.tokens_since_fired >= model.config.dead_tokens
+        if dist.is_available() and dist.is_initialized():
+            votes = dead.int()
+            dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+            dead = votes.bool()
+        x = self.train.batch(step - 1, self.items_per_step, seed=self.cfg.seed).to(model.W_dec.device)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        return {"resampled": model.resample_dead(x, optimizer, generator, dead)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:

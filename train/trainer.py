@@ -219,9 +219,11 @@ class Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        after_step = getattr(self.task, "after_step", None)  # e.g. an SAE resampling its dead latents
+        extra = after_step(self.model, self.optimizer, self.step_done + 1) if after_step else {}
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return {"step": self.step_done + 1, **totals, "grad_norm": float(norm), "lr": lr}
+        return {"step": self.step_done + 1, **totals, "grad_norm": float(norm), "lr": lr, **extra}
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity (every rank computes the same numbers)."""

@@ -221,7 +221,8 @@ def test_cost_counts_the_dense_encoder_and_k_decoder_rows():
     ({"kind": "gated"}, "kind"), ({"k": 99}, "k"), ({"k_min": 9, "k": 8}, "k_min"),
     ({"kind": "matryoshka", "matryoshka_widths": [8, 32]}, "matryoshka_widths"),
     ({"kind": "matryoshka", "matryoshka_widths": [32, 8, 64]}, "matryoshka_widths"),
-    ({"act_scale": -1.0}, "act_scale"), ({"hier_loss": "sum"}, "hier_loss.*log_area.*mean")])
+    ({"act_scale": -1.0}, "act_scale"), ({"hier_loss": "sum"}, "hier_loss.*log_area.*mean"),
+    ({"resample_every": -1}, "resample_every")])
 def test_bad_config_is_a_value_error_naming_the_field(fields, name):
     with pytest.raises(ValueError, match=name):
         load("sae-topk-tiny", **{"d_sae": 64, **fields})
@@ -234,3 +235,54 @@ def test_catalog_entries_read_lm_dense_tiny_and_reconstruct(name):
     assert sae.config.d_in == 256 and sae.config.source_model == "runs/lm-dense-tiny/final"
     x = data(rows=8, seed=3).repeat(1, 16)
     assert sae(x).x_hat.shape == (8, 256)
+
+
+def test_resampling_points_dead_latents_at_badly_reconstructed_inputs_and_zeroes_their_adam_moments():
+    sae = make("topk", k=2, dead_tokens=64).train()
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=1e-3)
+    x = data(rows=32) * 0.01
+    x[7] = torch.randn(D_IN, generator=torch.Generator().manual_seed(5)) * 100  # its error dwarfs the rest
+    out = sae(x)
+    out.loss.backward()
+    optimizer.step()
+    fired = (out.fire_counts > 0).nonzero().squeeze(1)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[fired[:2]] = True  # latents that trained this step, so their moments are not zero yet
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in sae.named_parameters()}
+    assert moments["W_dec"][dead].abs().sum() > 0 and moments["W_enc"][:, dead].abs().sum() > 0
+    sae.tokens_since_fired[dead] = 64
+    sae.tokens_since_fired[~dead] = 3
+
+    assert sae.resample_dead(x, optimizer, torch.Generator().manual_seed(0)) == 2
+
+    r = x[7] * sae.scale - before["b_dec"]
+    u = r / r.norm()
+    live_enc_norm = before["W_enc"][:, ~dead].norm(dim=0).mean()
+    for i in dead.nonzero().squeeze(1).tolist():
+        torch.testing.assert_close(sae.W_dec[i], u)
+        torch.testing.assert_close(sae.W_enc[:, i], u * 0.2 * live_enc_norm)
+        assert sae.b_enc[i] == 0
+    assert torch.equal(sae.W_dec[~dead], before["W_dec"][~dead])
+    assert torch.equal(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
+    assert torch.equal(sae.b_enc[~dead], before["b_enc"][~dead]) and torch.equal(sae.b_dec, before["b_dec"])
+    assert (sae.tokens_since_fired[dead] == 0).all() and (sae.tokens_since_fired[~dead] == 3).all()
+    for name, param in sae.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = optimizer.state[param][key]
+            if name == "W_dec":
+                assert state[dead].abs().sum() == 0 and state[~dead].abs().sum() > 0
+            elif name == "W_enc":
+                assert state[:, dead].abs().sum() == 0 and state[:, ~dead].abs().sum() > 0
+            elif name == "b_enc":
+                assert state[dead].abs().sum() == 0
+    torch.testing.assert_close(optimizer.state[sae.W_dec]["exp_avg"][~dead], moments["W_dec"][~dead])
+    pre = sae.pre_activations(x[7:8] * sae.scale)[0]
+    torch.testing.assert_close(pre[dead], (0.2 * live_enc_norm * r.norm()).expand(2))  # bias 0, aligned with r
+
+
+def test_resampling_nothing_dead_changes_nothing():
+    sae = make("relu")
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    assert sae.resample_dead(data()) == 0
+    assert all(torch.equal(p, before[name]) for name, p in sae.named_parameters())

@@ -100,3 +100,32 @@ def test_zoo_eval_on_sae_checkpoints_reports_every_budget_and_plots(source_lm, t
         assert {"ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "dead_frac", "dense_frac"} <= set(row)
     assert set(result["compare"]) == {str(folders["topk2"]), str(folders["topk8"])}
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resampling_runs_every_n_steps_and_a_resumed_run_resamples_the_same(source_lm, tmp_path):
+    # k=1 over 128 latents leaves most latents silent for a whole batch (256 activations): dead at once.
+    args = ["--set", "k=1", "--set", "dead_tokens=256", "--set", "resample_every=3", "--set", "auxk_coeff=0",
+            "--steps", "9", "--eval-every", "100", "--checkpoint-every", "4", "--lr", "1e-2"]
+    full = Trainer(parse_args(sae_args(source_lm, tmp_path / "full", "sae-topk-tiny", *args))).run()
+    a = records(tmp_path / "full")
+    assert [s for s in a if "resampled" in a[s]] == [3, 6, 9]
+    assert a[3]["resampled"] > 0
+    killed = Trainer(parse_args(sae_args(source_lm, tmp_path / "killed", "sae-topk-tiny", *args)))
+    for _ in range(5):  # dies after step 5; its last checkpoint is step 4
+        killed.step()
+        killed.step_done += 1
+        if killed.step_done % 4 == 0:
+            killed.checkpoint()
+    run = tmp_path / "killed"
+    Trainer(parse_args(sae_args(source_lm, run, "sae-topk-tiny", *args, "--resume", str(run)))).run()
+    b = records(run)
+    assert b[6]["resampled"] == a[6]["resampled"] and b[9]["resampled"] == a[9]["resampled"]
+    for step in range(5, 10):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
+    torch.testing.assert_close(load(str(run / "final")).W_dec, load(full["final"]).W_dec)
+
+
+def test_resampling_refuses_fsdp_with_a_clear_error(source_lm, tmp_path):
+    args = ["--set", "resample_every=3", "--fsdp", "--steps", "2"]
+    with pytest.raises(ValueError, match="resample_every.*--fsdp"):
+        Trainer(parse_args(sae_args(source_lm, tmp_path / "run", "sae-topk-tiny", *args)))

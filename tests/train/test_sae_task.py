@@ -30,6 +30,17 @@ def sae_args(source: Path, out: Path, entry: str = "sae-topk-tiny", *extra: str)
             "--warmup-steps", "2", "--out", str(out), *extra]
 
 
+def kill_after(args: list[str], steps: int, checkpoint_every: int) -> Path:
+    """Trains `steps` steps with checkpoints every `checkpoint_every`, then stops as a kill would; its run folder."""
+    killed = Trainer(parse_args(args))
+    for _ in range(steps):
+        killed.step()
+        killed.step_done += 1
+        if killed.step_done % checkpoint_every == 0:
+            killed.checkpoint()
+    return killed.run_dir
+
+
 def records(run: Path) -> dict[int, dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if "step" in r}
@@ -58,13 +69,8 @@ def test_a_resumed_sae_run_continues_exactly(source_lm, tmp_path):
     args = ["--set", "dead_tokens=512", "--set", "auxk_coeff=0.5", "--steps", "12", "--eval-every", "100",
             "--checkpoint-every", "4", "--lr", "1e-2"]
     full = Trainer(parse_args(sae_args(source_lm, tmp_path / "full", "sae-batchtopk-tiny", *args))).run()
-    killed = Trainer(parse_args(sae_args(source_lm, tmp_path / "killed", "sae-batchtopk-tiny", *args)))
-    for _ in range(6):  # dies after step 6; its last checkpoint is step 4
-        killed.step()
-        killed.step_done += 1
-        if killed.step_done % 4 == 0:
-            killed.checkpoint()
-    run = tmp_path / "killed"
+    # dies after step 6; its last checkpoint is step 4
+    run = kill_after(sae_args(source_lm, tmp_path / "killed", "sae-batchtopk-tiny", *args), 6, 4)
     resumed = Trainer(parse_args(sae_args(source_lm, run, "sae-batchtopk-tiny", *args, "--resume", str(run))))
     assert resumed.step_done == 4
     resumed.run()
@@ -110,13 +116,7 @@ def test_resampling_runs_every_n_steps_and_a_resumed_run_resamples_the_same(sour
     a = records(tmp_path / "full")
     assert [s for s in a if "resampled" in a[s]] == [3, 6, 9]
     assert a[3]["resampled"] > 0
-    killed = Trainer(parse_args(sae_args(source_lm, tmp_path / "killed", "sae-topk-tiny", *args)))
-    for _ in range(5):  # dies after step 5; its last checkpoint is step 4
-        killed.step()
-        killed.step_done += 1
-        if killed.step_done % 4 == 0:
-            killed.checkpoint()
-    run = tmp_path / "killed"
+    run = kill_after(sae_args(source_lm, tmp_path / "killed", "sae-topk-tiny", *args), 5, 4)  # resumes at step 4
     Trainer(parse_args(sae_args(source_lm, run, "sae-topk-tiny", *args, "--resume", str(run)))).run()
     b = records(run)
     assert b[6]["resampled"] == a[6]["resampled"] and b[9]["resampled"] == a[9]["resampled"]

@@ -24,6 +24,7 @@ reconstruct what the live ones missed; resampling (`resample_every` steps, any k
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -191,6 +192,14 @@ class SAE(ZooPreTrainedModel):
             return self.W_dec
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
+    def _check_input(self, x: torch.Tensor, k: int | None) -> None:
+        """A ValueError for activations of the wrong width or a budget that is not a positive integer."""
+        if x.shape[-1:] != (self.config.d_in,):
+            raise ValueError(f"the SAE reads activations of width d_in={self.config.d_in} in the last dimension; "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+            raise ValueError(f"k (the number of latents per token) must be a positive integer or None; got {k!r}")
+
     def pre_activations(self, x_scaled: torch.Tensor) -> torch.Tensor:
         """(rows, d_sae) encoder pre-activations of scaled inputs, with the decoder bias subtracted first."""
         return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
@@ -210,6 +219,7 @@ class SAE(ZooPreTrainedModel):
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Dense latents (..., d_sae) of raw activations x (..., d_in); k overrides the budget (top k per token)."""
+        self._check_input(x, k)
         lead = x.shape[:-1]
         x_scaled = x.reshape(-1, self.config.d_in).float() * self.scale
         pre = self.pre_activations(x_scaled)
@@ -223,6 +233,9 @@ class SAE(ZooPreTrainedModel):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw-unit reconstruction (..., d_in) of dense latents (..., d_sae)."""
+        if latents.shape[-1:] != (self.config.d_sae,):
+            raise ValueError(f"decode takes dense latents of width d_sae={self.config.d_sae} in the last dimension; "
+                             f"got a tensor of shape {tuple(latents.shape)}")
         return (latents @ self.decoder_weight() + self.b_dec) / self.scale
 
     @torch.no_grad()
@@ -230,6 +243,7 @@ class SAE(ZooPreTrainedModel):
                                                                                                     SparseCode]:
         """decode(encode(x, k)) through the sparse path, optionally with only the first `width` latents
         (a Matryoshka prefix); returns x_hat (rows, d_in) in raw units and the code it used."""
+        self._check_input(x, k)
         x_scaled = x.reshape(-1, self.config.d_in).float() * self.scale
         pre = self.pre_activations(x_scaled)
         if self.config.kind == "relu":
@@ -248,6 +262,7 @@ class SAE(ZooPreTrainedModel):
         In training mode it also renormalises the decoder, counts tokens since each latent fired and
         updates the BatchTopK threshold.
         """
+        self._check_input(x, k)
         if self.training and self.config.normalize_decoder:
             with torch.no_grad():
                 self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))

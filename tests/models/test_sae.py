@@ -286,3 +286,19 @@ def test_resampling_nothing_dead_changes_nothing():
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
     assert sae.resample_dead(data()) == 0
     assert all(torch.equal(p, before[name]) for name, p in sae.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu", "hierarchical_topk"])
+def test_bad_inputs_and_budgets_are_value_errors_that_say_what_was_expected(kind):
+    sae = make(kind)
+    with pytest.raises(ValueError, match=f"d_in={D_IN}.*shape \\(3, 5\\)"):
+        sae.encode(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=f"d_in={D_IN}"):
+        sae(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=f"d_sae={D_SAE}"):
+        sae.decode(torch.randn(3, D_IN))
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="k .*positive integer"):
+            sae.encode(data(), k=k)
+        with pytest.raises(ValueError, match="k .*positive integer"):
+            sae.reconstruct(data(), k=k)

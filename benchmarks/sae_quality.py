@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/sae-bench-quality")
     p.add_argument("--plot", default="benchmarks/plots/sae_fvu_vs_l0.png")
     p.add_argument("--json", default=None)
+    p.add_argument("--hier-vs-topk-only", action="store_true",
+                   help="train only the catalog's HierarchicalTopK SAE and the per-k TopK SAEs (no mean-loss "
+                        "HierarchicalTopK, no Matryoshka): the verdict's SAEs, for long runs")
     args = p.parse_args(argv)
     work = Path(args.work)
     common = ["--set", f"source_model={args.source}", "--steps", str(args.steps), "--lr", str(args.lr),
@@ -73,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted({1, 2, 4, *args.ks})
     hier = train("hier-topk", "sae-hier-topk-tiny", f"k={max(args.ks)}", "k_min=1")
     hier_curve = {k: evaluate(hier, k=k) for k in budgets}
-    hier_mean = train("hier-topk-mean", "sae-hier-topk-tiny", f"k={max(args.ks)}", "k_min=1", "hier_loss=mean")
-    mean_curve = {k: evaluate(hier_mean, k=k) for k in budgets}
+    mean_curve = {}
+    if not args.hier_vs_topk_only:
+        hier_mean = train("hier-topk-mean", "sae-hier-topk-tiny", f"k={max(args.ks)}", "k_min=1", "hier_loss=mean")
+        mean_curve = {k: evaluate(hier_mean, k=k) for k in budgets}
     topk = {k: evaluate(train(f"topk-k{k}", "sae-topk-tiny", f"k={k}")) for k in args.ks}
 
     # ---- Matryoshka prefixes against TopK SAEs of the prefix sizes ---------------------------------------
-    matryoshka = train("matryoshka", "sae-matryoshka-tiny")
-    widths = matryoshka.model.config.matryoshka_widths
-    prefix = {w: evaluate(matryoshka, width=w) for w in widths}
-    by_width = {}
+    prefix, by_width, widths = {}, {}, []
+    if not args.hier_vs_topk_only:
+        matryoshka = train("matryoshka", "sae-matryoshka-tiny")
+        widths = matryoshka.model.config.matryoshka_widths
+        prefix = {w: evaluate(matryoshka, width=w) for w in widths}
     for w in widths:  # a TopK SAE with w latents and the prefix's L0 (rounded)
         k = max(1, round(prefix[w]["l0"]))
         by_width[w] = evaluate(train(f"topk-w{w}-k{k}", "sae-topk-tiny", f"d_sae={w}", f"k={k}"))
@@ -95,24 +101,25 @@ def main(argv: list[str] | None = None) -> int:
           "topk loss rec. | verdict (within 5%) | paper's mean loss: FVU | its / topk | its L0 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k in args.ks:
-        h, t, m = hier_curve[k], topk[k], mean_curve[k]
+        h, t, m = hier_curve[k], topk[k], mean_curve.get(k, {"fvu": float("nan"), "l0": float("nan")})
         ratio = h["fvu"] / t["fvu"]
         verdict = "met" if ratio <= 1.05 else "NOT met"
         print(f"| {k} | {h['fvu']:.4f} | {t['fvu']:.4f} | {ratio:.3f} | {h['l0']:.1f} | "
               f"{h['ce_loss_recovered']:.3f} | {t['ce_loss_recovered']:.3f} | {verdict} | {m['fvu']:.4f} | "
               f"{m['fvu'] / t['fvu']:.3f} | {m['l0']:.1f} |")
-    print("\n| prefix width | Matryoshka prefix FVU | its L0 | TopK SAE (width, k) FVU | matryoshka / topk | "
-          "prefix loss rec. | topk loss rec. |")
-    print("|---|---|---|---|---|---|---|")
+    if widths:
+        print("\n| prefix width | Matryoshka prefix FVU | its L0 | TopK SAE (width, k) FVU | matryoshka / topk | "
+              "prefix loss rec. | topk loss rec. |")
+        print("|---|---|---|---|---|---|---|")
     for w in widths:
         m, t = prefix[w], by_width[w]
         print(f"| {w} | {m['fvu']:.4f} | {m['l0']:.1f} | {t['fvu']:.4f} (k={t['k']}) | {m['fvu'] / t['fvu']:.3f} | "
               f"{m['ce_loss_recovered']:.3f} | {t['ce_loss_recovered']:.3f} |")
     print("\n| SAE | train seconds | activations/s | dead frac | dense frac |")
     print("|---|---|---|---|---|")
-    finals = {"hier-topk": hier_curve[max(args.ks)], "hier-topk-mean": mean_curve[max(args.ks)],
+    finals = {"hier-topk": hier_curve[max(args.ks)], "hier-topk-mean": mean_curve.get(max(args.ks), {}),
               **{f"topk-k{k}": topk[k] for k in args.ks},
-              "matryoshka": prefix[widths[-1]],
+              "matryoshka": prefix[widths[-1]] if widths else {},
               **{f"topk-w{w}-k{by_width[w]['k']}": by_width[w] for w in widths}}
     for label, info in trained.items():
         f = finals.get(label, {})
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               "TopK (one SAE per k)": [(t["l0"], t["fvu"]) for t in topk.values()],
               f"Matryoshka prefixes {'/'.join(map(str, widths))} (one SAE)": [(m["l0"], m["fvu"])
                                                                            for m in prefix.values()]}
+    curves = {name: points for name, points in curves.items() if points}
     title = f"lm-dense-tiny block 2, 2048 latents, {args.steps} x 4096 activations"
     print(f"\nplot: {plot_fvu_vs_l0(curves, args.plot, title=title)}")
     if args.json:

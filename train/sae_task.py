@@ -108,11 +108,13 @@ class SAETask:
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
         """After optimizer step `step` (1-based): every resample_every steps, resample the dead latents.
 
-        The rows come from the whole global batch of that step and the draw from (seed, step), and a latent
-        counts as dead only if it is dead on every rank, so all ranks make the same change.
+        Not in the last resample_every steps of the run: a resampled latent fires on about half of the
+        inputs until training makes it selective, so it needs those steps. The rows come from the whole
+        global batch of that step and the draw from (seed, step), and a latent counts as dead only if it
+        is dead on every rank, so all ranks make the same change.
         """
         every = model.config.resample_every
-        if not every or step % every:
+        if not every or step % every or step > self.cfg.steps - every:
             return {}
         dead = model.tokens_since_fired >= model.config.dead_tokens
         if dist.is_available() and dist.is_initialized():

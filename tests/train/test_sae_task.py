@@ -114,12 +114,12 @@ def test_resampling_runs_every_n_steps_and_a_resumed_run_resamples_the_same(sour
             "--steps", "9", "--eval-every", "100", "--checkpoint-every", "4", "--lr", "1e-2"]
     full = Trainer(parse_args(sae_args(source_lm, tmp_path / "full", "sae-topk-tiny", *args))).run()
     a = records(tmp_path / "full")
-    assert [s for s in a if "resampled" in a[s]] == [3, 6, 9]
+    assert [s for s in a if "resampled" in a[s]] == [3, 6], "every 3 steps, not in the last 3"
     assert a[3]["resampled"] > 0
     run = kill_after(sae_args(source_lm, tmp_path / "killed", "sae-topk-tiny", *args), 5, 4)  # resumes at step 4
     Trainer(parse_args(sae_args(source_lm, run, "sae-topk-tiny", *args, "--resume", str(run)))).run()
     b = records(run)
-    assert b[6]["resampled"] == a[6]["resampled"] and b[9]["resampled"] == a[9]["resampled"]
+    assert b[6]["resampled"] == a[6]["resampled"]
     for step in range(5, 10):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
     torch.testing.assert_close(load(str(run / "final")).W_dec, load(full["final"]).W_dec)

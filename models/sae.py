@@ -71,7 +71,7 @@ class SAEConfig(PreTrainedConfig):
 
     model_type = "zoo_sae"
     # Fields that checkpoints written before they existed lack, with the value that reproduces those checkpoints.
-    FIELDS_ADDED_LATER = {"hier_loss": "mean"}
+    FIELDS_ADDED_LATER = {"hier_loss": "mean", "resample_every": 0}
 
     kind: str = "topk"
     d_in: int = 256

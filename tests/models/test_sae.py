@@ -198,11 +198,12 @@ def test_save_and_load_keep_weights_buffers_and_work_with_automodel(tmp_path):
 def test_hierarchical_checkpoint_from_before_hier_loss_loads_with_the_mean_loss_it_was_trained_with(tmp_path):
     import json
 
-    make("hierarchical_topk").save_pretrained(tmp_path)
+    make("hierarchical_topk", resample_every=5).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config.pop("hier_loss") == "log_area"
+    assert config.pop("hier_loss") == "log_area" and config.pop("resample_every") == 5
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert load(str(tmp_path)).config.hier_loss == "mean"
+    old = load(str(tmp_path)).config
+    assert old.hier_loss == "mean" and old.resample_every == 0
     config.pop("k_min")  # a field that was always there is still required
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="k_min"):

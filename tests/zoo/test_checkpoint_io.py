@@ -264,3 +264,31 @@ def test_auto_model_prefers_safetensors_over_pickle(trapped, saved):
     assert not marker.exists()
     ids = tokens()
     assert torch.equal(logits(auto, ids), logits(saved[0], ids))
+
+
+# The config fields of the first published checkpoints (2026-11-25). A field added since must be in its
+# class's FIELDS_ADDED_LATER, with the value that reproduces those checkpoints, or they stop loading.
+FIRST_RELEASE_FIELDS = {
+    "ZooLMConfig": {"attention", "attention_kwargs", "d_ff", "d_model", "init_std", "linear", "linear_kwargs",
+                    "linear_targets", "max_seq_len", "mlp", "mlp_kwargs", "moe_bias_update_rate",
+                    "moe_capacity_factor", "moe_entropy_loss_coef", "moe_granularity", "moe_min_experts_per_tok",
+                    "moe_router", "moe_top_p", "n_heads", "n_kv_heads", "n_layers", "n_shared_experts", "norm_eps",
+                    "norm_topk_prob", "num_experts_per_tok", "num_experts_per_tok_by_layer", "num_local_experts",
+                    "rope_theta", "router_aux_loss_coef", "router_jitter_noise", "router_z_loss_coef",
+                    "tie_word_embeddings", "vocab_size", "zoo_name"},
+    "SAEConfig": {"act_scale", "auxk_coeff", "auxk_k", "context_size", "d_in", "d_sae", "dead_tokens", "hook_point",
+                  "k", "k_min", "kind", "l1_coeff", "matryoshka_widths", "normalize_decoder", "source_model",
+                  "threshold_momentum", "zoo_name"},
+}
+
+
+def test_every_field_added_since_the_first_release_says_how_old_checkpoints_behave():
+    import dataclasses
+
+    from models.sae import SAEConfig
+
+    for cls in (ZooLMConfig, SAEConfig):
+        declared = {f.name for f in dataclasses.fields(cls) if f.name in cls.__annotations__}
+        added = declared - FIRST_RELEASE_FIELDS[cls.__name__]
+        assert added <= set(cls.FIELDS_ADDED_LATER), (cls.__name__, added - set(cls.FIELDS_ADDED_LATER))
+        assert set(cls.FIELDS_ADDED_LATER) <= declared, cls.__name__

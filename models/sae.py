@@ -58,6 +58,7 @@ KINDS = {
 THRESHOLD_KINDS = ("batchtopk", "matryoshka")
 HIER_LOSSES = ("log_area", "mean")
 RELU_DECODER_INIT_NORM = 0.1  # decoder row norm at init for relu SAEs (Anthropic's April 2024 update)
+RESAMPLE_CHUNK_ROWS = 4096  # rows reconstructed at once when resample_dead measures errors
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -104,7 +105,8 @@ class SAEConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Checks every field; the error names the field, the value and what is allowed."""
         _check(self.kind in KINDS, "kind", self.kind, f"known kinds: {sorted(KINDS)}")
-        _check(isinstance(self.resample_every, int) and self.resample_every >= 0, "resample_every",
+        _check(isinstance(self.resample_every, int) and not isinstance(self.resample_every, bool)
+               and self.resample_every >= 0, "resample_every",
                self.resample_every, "must be an integer >= 0 (0: never resample)")
         for name in ("d_in", "d_sae", "k", "k_min", "dead_tokens", "context_size"):
             value = getattr(self, name)
@@ -367,19 +369,23 @@ class SAE(ZooPreTrainedModel):
         bias 0, and the latent's silent-token count 0. The AdamW moments of those entries are zeroed so
         the old statistics do not push the new weights. Returns how many latents were resampled.
         """
+        self._check_input(x, None)
         dead = (self.tokens_since_fired >= self.config.dead_tokens) if dead is None else dead
         ids = dead.nonzero().squeeze(1)
         if ids.numel() == 0:
             return 0
+        x = x.reshape(-1, self.config.d_in)
+        x_scaled = x.float() * self.scale
         was_training = self.training
         self.eval()
-        x_scaled = x.reshape(-1, self.config.d_in).float() * self.scale
-        x_hat, _ = self.reconstruct(x)
-        self.train(was_training)
-        error = (x_scaled - x_hat * self.scale).square().sum(-1)
+        try:  # the errors in chunks: a relu code is dense, and x may be a whole global batch
+            error = torch.cat([(self.reconstruct(part)[0] - part.float()).double().square().sum(-1)
+                               for part in x.split(RESAMPLE_CHUNK_ROWS)])
+        finally:
+            self.train(was_training)
         if not bool((error > 0).any()):
             error = torch.ones_like(error)
-        weights = error.square().cpu().double()
+        weights = error.square().cpu()  # float64: squares of large errors stay finite
         rows = torch.multinomial(weights, ids.numel(), replacement=True, generator=generator).to(x_scaled.device)
         directions = x_scaled[rows] - self.b_dec
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)

@@ -123,7 +123,11 @@ class SAETask:
             dead = votes.bool()
         x = self.train.batch(step - 1, self.items_per_step, seed=self.cfg.seed).to(model.W_dec.device)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        return {"resampled": model.resample_dead(x, optimizer, generator, dead)}
+        resampled = model.resample_dead(x, optimizer, generator, dead)
+        if resampled and dist.is_available() and dist.is_initialized():
+            for param in (model.W_enc, model.b_enc, model.W_dec):  # rank 0's draw, bit for bit, on every rank
+                dist.broadcast(param.data, src=0)
+        return {"resampled": resampled}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:

@@ -223,7 +223,7 @@ def test_cost_counts_the_dense_encoder_and_k_decoder_rows():
     ({"kind": "matryoshka", "matryoshka_widths": [8, 32]}, "matryoshka_widths"),
     ({"kind": "matryoshka", "matryoshka_widths": [32, 8, 64]}, "matryoshka_widths"),
     ({"act_scale": -1.0}, "act_scale"), ({"hier_loss": "sum"}, "hier_loss.*log_area.*mean"),
-    ({"resample_every": -1}, "resample_every")])
+    ({"resample_every": -1}, "resample_every"), ({"resample_every": True}, "resample_every")])
 def test_bad_config_is_a_value_error_naming_the_field(fields, name):
     with pytest.raises(ValueError, match=name):
         load("sae-topk-tiny", **{"d_sae": 64, **fields})
@@ -303,3 +303,27 @@ def test_bad_inputs_and_budgets_are_value_errors_that_say_what_was_expected(kind
             sae.encode(data(), k=k)
         with pytest.raises(ValueError, match="k .*positive integer"):
             sae.reconstruct(data(), k=k)
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk", "hierarchical_topk", "matryoshka"])
+def test_every_kind_resamples_its_dead_latents_towards_the_worst_input_and_keeps_its_mode(kind, monkeypatch):
+    import models.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "RESAMPLE_CHUNK_ROWS", 5)  # the errors are measured in several chunks
+    sae = make(kind).train()
+    sae(data())  # a training step's bookkeeping (threshold, counts)
+    x = data(rows=32) * 0.01
+    x[20] = torch.randn(D_IN, generator=torch.Generator().manual_seed(5)) * 100
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[1, 40]] = True
+    before = sae.W_dec.detach().clone()
+    assert sae.resample_dead(x, dead=dead, generator=torch.Generator().manual_seed(0)) == 2
+    assert sae.training, "resampling puts the SAE back in training mode"
+    r = x[20] * sae.scale - sae.b_dec
+    norm = 0.1 if kind == "relu" else 1.0  # relu decoder rows start at norm 0.1, the others are unit norm
+    for i in (1, 40):
+        torch.testing.assert_close(sae.W_dec[i], r / r.norm() * norm)
+    assert torch.equal(sae.W_dec[~dead], before[~dead])
+    with pytest.raises(ValueError, match=f"d_in={D_IN}"):
+        sae.resample_dead(torch.randn(4, D_IN + 1), dead=dead)
+    assert sae.training

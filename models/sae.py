@@ -105,13 +105,10 @@ class SAEConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Checks every field; the error names the field, the value and what is allowed."""
         _check(self.kind in KINDS, "kind", self.kind, f"known kinds: {sorted(KINDS)}")
-        _check(isinstance(self.resample_every, int) and not isinstance(self.resample_every, bool)
-               and self.resample_every >= 0, "resample_every",
-               self.resample_every, "must be an integer >= 0 (0: never resample)")
-        for name in ("d_in", "d_sae", "k", "k_min", "dead_tokens", "context_size"):
-            value = getattr(self, name)
+        for name in ("d_in", "d_sae", "k", "k_min", "dead_tokens", "context_size", "resample_every"):
+            value, least = getattr(self, name), 0 if name == "resample_every" else 1  # resample_every 0: never
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
-            _check(value >= 1, name, value, "must be >= 1")
+            _check(value >= least, name, value, f"must be >= {least}")
         _check(self.k <= self.d_sae, "k", self.k, f"must be <= d_sae={self.d_sae}")
         _check(self.k_min <= self.k, "k_min", self.k_min, f"must be <= k={self.k}")
         _check(self.hier_loss in HIER_LOSSES, "hier_loss", self.hier_loss, f"one of {HIER_LOSSES}")
@@ -375,7 +372,6 @@ class SAE(ZooPreTrainedModel):
         if ids.numel() == 0:
             return 0
         x = x.reshape(-1, self.config.d_in)
-        x_scaled = x.float() * self.scale
         was_training = self.training
         self.eval()
         try:  # the errors in chunks: a relu code is dense, and x may be a whole global batch
@@ -386,8 +382,8 @@ class SAE(ZooPreTrainedModel):
         if not bool((error > 0).any()):
             error = torch.ones_like(error)
         weights = error.square().cpu()  # float64: squares of large errors stay finite
-        rows = torch.multinomial(weights, ids.numel(), replacement=True, generator=generator).to(x_scaled.device)
-        directions = x_scaled[rows] - self.b_dec
+        rows = torch.multinomial(weights, ids.numel(), replacement=True, generator=generator).to(x.device)
+        directions = x[rows].float() * self.scale - self.b_dec
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
         live = ~dead
         enc_norm = self.W_enc[:, live].norm(dim=0).mean() if bool(live.any()) else self.W_enc.norm(dim=0).mean()

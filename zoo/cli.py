@@ -38,12 +38,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(args: argparse.Namespace):
+    """zoo.load(args.model), passing --force-download; an unreadable Hub checkpoint's error names the flag."""
+    from zoo import hub
+    from zoo.loading import load
+
+    try:
+        return load(args.model, force_download=args.force_download)
+    except ValueError as err:
+        if args.force_download or not hub.is_repo_id(args.model):
+            raise
+        raise ValueError(f"{err}\n({hub.REDOWNLOAD_HINT})") from err
+
+
+def add_hub_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that may load a model from the Hub."""
+    parser.add_argument("--force-download", action="store_true",
+                        help="download a Hub checkpoint again even if it is cached (repairs a damaged cache)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a model's config and cost."""
     from layers.kernels import describe
-    from zoo.loading import load
 
-    model = load(args.model)
+    model = load_model(args)
     cost = model.cost(args.seq_len)
     # Exact numbers under "cost" (for scripts), rounded ones under "cost_readable" (for people).
     print(json.dumps({"config": model.config.to_diff_dict(), "cost": cost,
@@ -55,9 +73,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Print a continuation of the prompt."""
     from zoo.generation import generate_text
-    from zoo.loading import load
 
-    model = load(args.model)
+    model = load_model(args)
     print(generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, greedy=args.greedy, seed=args.seed))
     return 0
@@ -87,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the config and cost of a catalog name, folder or Hub repo")
     p.add_argument("model", help="catalog name, checkpoint folder or Hub repo id")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the FLOPs figure")
+    add_hub_flags(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="continue a prompt with a model")
@@ -97,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
     p.add_argument("--greedy", action="store_true", help="take the likeliest token every step")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_hub_flags(p)
     p.set_defaults(func=cmd_generate)
 
     for name, (_, text) in TRAINER_COMMANDS.items():

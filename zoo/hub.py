@@ -2,8 +2,9 @@
 
 `download` serves a repo already in the local cache without any HTTP request and only asks the Hub
 (`HF_ENDPOINT`) on a cache miss or with `force_download=True`; `HF_HUB_OFFLINE=1` is honoured even
-when it is set after huggingface_hub was imported. A model download fetches the files matching
-DEFAULT_MODEL_PATTERNS.
+when it is set after huggingface_hub was imported. A model download fetches what a checkpoint needs and
+nothing else: config.json first, then model.safetensors (or its index and the shards the index names),
+the model card and the tokenizer files.
 
 `publish` uploads files from an allow-list (`is_checkpoint_file`) that sit directly in the folder, never
 follows a symbolic link, logs what it left out, and refuses to change or leave stale any file already in
@@ -37,8 +38,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: {"weight_map"
 WEIGHTS_SUFFIX = ".safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
-# What a model download fetches by default: the checkpoint and its card, not training state.
-DEFAULT_MODEL_PATTERNS = ("config.json", "model.safetensors", "*.safetensors", "README.md", "*.json")
 # What a checkpoint carries besides config and weights: fetched when present, uploaded when present.
 CHECKPOINT_EXTRAS = (CARD_FILE, "generation_config.json", *TOKENIZER_FILES)
 # Every name `publish` uploads (besides *.safetensors): all parsed as JSON or read as text by their loaders,
@@ -89,41 +88,29 @@ def download(
     repo_type: str = "model",
     allow_patterns: list[str] | str | None = None,
 ) -> Path:
-    """Return the local snapshot folder of a Hub repo, downloading it only when the cache lacks it."""
-    default_patterns = allow_patterns is None and repo_type == "model"
-    if default_patterns:
-        allow_patterns = list(DEFAULT_MODEL_PATTERNS)
+    """Return the local snapshot folder of a Hub repo, downloading it only when the cache lacks it.
+
+    A model repo without allow_patterns gets the checkpoint's files only (see the module docstring).
+    """
     where = f"{repo_type} repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
     where += f" on {constants.ENDPOINT}"
-    kwargs = dict(repo_id=repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
-                  token=token, allow_patterns=allow_patterns)
-
-    if not force_download:  # cache first: a complete cached snapshot costs no request at all
-        try:
-            return _checked(Path(snapshot_download(**kwargs, local_files_only=True)), where, default_patterns)
-        except LocalEntryNotFoundError:  # not cached, or cached but incomplete for these patterns
-            pass
-    if is_offline():
-        why = "force_download=True needs the Hub" if force_download else "it is not in the local cache"
-        raise HubOfflineError(f"cannot download {where}: {why} and offline mode is on (HF_HUB_OFFLINE=1); "
-                              "unset HF_HUB_OFFLINE to download it")
-    try:
-        folder = snapshot_download(**kwargs, force_download=force_download)
-    except RepositoryNotFoundError as err:
-        raise HubNotFoundError(f"{where} does not exist (or is private and no valid token was given)") from err
-    except RevisionNotFoundError as err:
-        raise HubNotFoundError(f"{where}: revision '{revision}' does not exist") from err
-    except EntryNotFoundError as err:  # also the client's "cannot reach the Hub and not cached" error
-        raise HubNotFoundError(f"cannot download {where}: {err}") from err
-    return _checked(Path(folder), where, default_patterns)
-
-
-def _checked(folder: Path, where: str, default_patterns: bool) -> Path:
-    """The snapshot folder, once it is known to hold what was asked for."""
-    if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
-        raise HubNotFoundError(f"{where} has no file matching the requested allow_patterns")
-    if default_patterns and not (folder / "config.json").is_file():
-        raise HubNotFoundError(f"{where} has no config.json: it is not a zoo checkpoint")
+    fetch = dict(repo_id=repo_id, repo_type=repo_type, cache_dir=cache_dir, token=token,
+                 force_download=force_download, where=where)
+    if allow_patterns is not None or repo_type != "model":
+        return _nonempty(_snapshot(revision=revision, allow_patterns=allow_patterns, **fetch), where)
+    # config.json first: a repo that is not a checkpoint costs no weights download.
+    folder = _snapshot(revision=revision, allow_patterns=[CONFIG_FILE], has=[CONFIG_FILE], **fetch)
+    if not (folder / CONFIG_FILE).is_file():
+        raise HubNotFoundError(f"{where} has no {CONFIG_FILE}: it is not a zoo checkpoint")
+    commit = folder.name  # later fetches name the commit: the revision cannot move under them
+    folder = _snapshot(revision=commit, allow_patterns=[WEIGHTS_FILE, WEIGHTS_INDEX, *CHECKPOINT_EXTRAS],
+                       has=[WEIGHTS_FILE, WEIGHTS_INDEX], **fetch)
+    if not (folder / WEIGHTS_FILE).is_file() and (folder / WEIGHTS_INDEX).is_file():
+        shards = shard_names(folder / WEIGHTS_INDEX)
+        folder = _snapshot(revision=commit, allow_patterns=shards, has=shards, every=True, **fetch)
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise HubNotFoundError(f"{where}: {WEIGHTS_INDEX} names shards the repo lacks: {missing[:8]}")
     return folder
 
 
@@ -140,6 +127,44 @@ def shard_names(index_file: Path) -> list[str]:
         raise ValueError(f"{index_file}: 'weight_map' must name shard files like 'model-00001-of-00002"
                          f".safetensors' in the same folder, got {bad[:5] or 'none'}")
     return names
+
+
+def _snapshot(*, repo_id: str, revision: str | None, repo_type: str, cache_dir, token, force_download: bool,
+              allow_patterns, where: str, has: list[str] = (), every: bool = False) -> Path:
+    """snapshot_download of these patterns, from the cache when it holds them all, else from the Hub.
+
+    A cached snapshot must also hold one of the files `has` names (all of them with every=True): a cache
+    filled file by file (transformers' AutoConfig, say) keeps no file listing that would tell it is partial.
+    """
+    kwargs = dict(repo_id=repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
+                  token=token, allow_patterns=allow_patterns)
+    if not force_download:  # cache first: a complete cached snapshot costs no request at all
+        try:
+            folder = Path(snapshot_download(**kwargs, local_files_only=True))
+            present = [(folder / name).is_file() for name in has]
+            if not has or (all(present) if every else any(present)):
+                return folder
+        except LocalEntryNotFoundError:  # not cached, or cached but incomplete for these patterns
+            pass
+    if is_offline():
+        why = "force_download=True needs the Hub" if force_download else "it is not in the local cache"
+        raise HubOfflineError(f"cannot download {where}: {why} and offline mode is on (HF_HUB_OFFLINE=1); "
+                              "unset HF_HUB_OFFLINE to download it")
+    try:
+        return Path(snapshot_download(**kwargs, force_download=force_download))
+    except RepositoryNotFoundError as err:
+        raise HubNotFoundError(f"{where} does not exist (or is private and no valid token was given)") from err
+    except RevisionNotFoundError as err:
+        raise HubNotFoundError(f"{where}: revision '{revision}' does not exist") from err
+    except EntryNotFoundError as err:  # also the client's "cannot reach the Hub and not cached" error
+        raise HubNotFoundError(f"cannot download {where}: {err}") from err
+
+
+def _nonempty(folder: Path, where: str) -> Path:
+    """The snapshot folder, once it is known to hold at least one file."""
+    if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+        raise HubNotFoundError(f"{where} has no file matching the requested allow_patterns")
+    return folder
 
 
 # ---- publish -------------------------------------------------------------------------------------------

@@ -53,6 +53,40 @@ def can_use_megablocks(x: torch.Tensor) -> bool:
     return not force_reference() and x.is_cuda and megablocks_installed()
 
 
+HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
+MOE_IMPLS = ("auto", "padded", "tiered", "grouped", "megablocks")
+
+
+def can_use_grouped_mm(x: torch.Tensor, *row_widths: int) -> bool:
+    """Can torch's grouped_mm run on rows of x with these widths (16-byte aligned; on CUDA bf16 on sm80+)?"""
+    ok = HAS_GROUPED_MM and all(n * x.element_size() % 16 == 0 for n in row_widths)
+    if x.is_cuda:
+        ok = ok and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return ok
+
+
+def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, capacity: int | None) -> str:
+    """How the routed experts run on x: "megablocks", or a dispatch layout "padded", "tiered" or "grouped".
+
+    `impl` "auto" takes megablocks' kernels on CUDA half precision when installed (and dropless), torch's
+    grouped_mm on other CUDA tensors it supports, else "tiered" (on CPU grouped ties with tiered in
+    BENCHMARKS.md and takes more memory). An explicit impl that cannot run here is a RuntimeError.
+    """
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown experts impl {impl!r}; known: {MOE_IMPLS}")
+    grouped_ok = can_use_grouped_mm(x, d_model, width)
+    if impl == "grouped" and not grouped_ok or impl == "megablocks" and not x.is_cuda:
+        raise RuntimeError(f"impl={impl!r} cannot run here: grouped needs torch.nn.functional.grouped_mm "
+                           f"and 16-byte-aligned rows; megablocks needs CUDA")
+    if impl != "auto":
+        return impl
+    if capacity is None and x.dtype in (torch.bfloat16, torch.float16) and can_use_megablocks(x):
+        return "megablocks"
+    if x.is_cuda and grouped_ok:
+        return "grouped"
+    return "tiered"
+
+
 def describe() -> dict[str, bool]:
     """Which fast kernels this process could use (for `zoo info` and logs)."""
     return {

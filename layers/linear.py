@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from layers.registry import Registry
+
 
 class DenseLinear(nn.Linear):
     """nn.Linear that reports its own cost."""
@@ -17,17 +19,9 @@ class DenseLinear(nn.Linear):
         return 2 * self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
 
-KINDS: dict[str, type[nn.Module]] = {"dense": DenseLinear}
+KINDS = Registry("linear kind", {"dense": DenseLinear})
 
 
 def make_linear(kind: str, in_features: int, out_features: int, bias: bool = False, **kwargs) -> nn.Module:
     """Build the linear kind `kind` (a name in KINDS) with the given shape."""
-    return lookup(KINDS, kind, "linear")(in_features, out_features, bias=bias, **kwargs)
-
-
-def lookup(registry: dict, name: str, what: str):
-    """registry[name], or a ValueError that lists the known names."""
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} kind {name!r}; known kinds: {sorted(registry)}") from None
+    return KINDS[kind](in_features, out_features, bias=bias, **kwargs)

@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.linear import make_linear
+from layers.registry import Registry
 
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), the LLaMA-style gated MLP."""
 
-    def __init__(self, d_model: int, d_ff: int, linear: str = "dense", linear_kwargs: dict | None = None):
+    def __init__(self, d_model: int, d_ff: int, linear: str = "dense", linear_kwargs: dict | None = None,
+                 layer_idx: int | None = None):
         super().__init__()
         kw = linear_kwargs or {}
         self.gate = make_linear(linear, d_model, d_ff, **kw)
@@ -28,4 +30,4 @@ class SwiGLU(nn.Module):
         return self.gate.flops_per_token() + self.up.flops_per_token() + self.down.flops_per_token() + d_ff
 
 
-KINDS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU}
+KINDS = Registry("MLP kind", {"swiglu": SwiGLU})

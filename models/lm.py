@@ -1,17 +1,19 @@
 """ONE decoder-only language model for every LM in the zoo.
 
 The attention kind, the MLP kind and the linear kind are config fields, looked up by name in the
-registries of `layers` (`layers.attention.KINDS`, `layers.mlp.KINDS`, `layers.linear.KINDS`).
+registries of `layers` (`layers.attention.KINDS`, `layers.mlp.KINDS`, `layers.linear.KINDS`);
+each kind's options are the matching `*_kwargs` dict, validated by the kind itself. Mixture of
+Experts is the MLP kind "moe" with `layers.moe.MoEOptions` as its `mlp_kwargs`.
 The model is a `transformers.PreTrainedModel`, so `save_pretrained`, `from_pretrained` and
 `generate` (with a KV cache) work as for any Hugging Face causal LM.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig
@@ -21,9 +23,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from layers import attention, linear, mlp
 from layers.attention import SelfAttention
+from layers.moe import moe_layers, set_num_experts_per_tok, set_top_p
 from layers.norm import RMSNorm
+from layers.registry import check_kwargs
+from layers.report import LayerReport
 from layers.rotary import RotaryEmbedding
 from models.base import ZooPreTrainedModel
+from models.losses import next_token_loss
+from models.versioning import VersionedConfig
 
 LINEAR_TARGETS = ("mlp", "attn", "all")
 
@@ -33,13 +40,90 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"config field {name!r} = {value!r} is invalid: {allowed}")
 
 
+# The MoE options' names at the top level of a config: where each lives in mlp_kwargs. These are the
+# fields of configs before version 1 (read by the upgrade) and aliases that `ZooLMConfig(...)` and
+# `zoo.load(name, num_experts_per_tok=4)` accept for an MoE model.
+MOE_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_local_experts": ("num_experts",),
+    "num_experts_per_tok": ("num_experts_per_tok",),
+    "num_experts_per_tok_by_layer": ("num_experts_per_tok_by_layer",),
+    "moe_router": ("router",),
+    "moe_top_p": ("router_kwargs", "top_p"),
+    "moe_min_experts_per_tok": ("router_kwargs", "min_experts_per_tok"),
+    "moe_bias_update_rate": ("router_kwargs", "bias_update_rate"),
+    "norm_topk_prob": ("norm_topk_prob",),
+    "routed_scaling_factor": ("routed_scaling_factor",),
+    "moe_granularity": ("granularity",),
+    "n_shared_experts": ("n_shared_experts",),
+    "moe_capacity_factor": ("capacity_factor",),
+    "router_jitter_noise": ("router_jitter_noise",),
+    "router_aux_loss_coef": ("router_aux_loss_coef",),
+    "router_z_loss_coef": ("router_z_loss_coef",),
+    "moe_entropy_loss_coef": ("router_entropy_loss_coef",),
+}
+# Version 0 passed mlp_kwargs to the old MoEMLP keywords: their names today.
+_V0_MOE_KEYWORDS = {"expert_width": ("moe_intermediate_size",), "shared_width": ("shared_expert_intermediate_size",),
+                    "renormalize": ("norm_topk_prob",), "jitter": ("router_jitter_noise",),
+                    "balance_loss_weight": ("router_aux_loss_coef",), "z_loss_weight": ("router_z_loss_coef",),
+                    "entropy_loss_weight": ("router_entropy_loss_coef",), "top_p": ("router_kwargs", "top_p"),
+                    "min_experts_per_tok": ("router_kwargs", "min_experts_per_tok"),
+                    "bias_update_rate": ("router_kwargs", "bias_update_rate"), "router": ("router",)}
+# The router options each router of version 0 read (the others were ignored).
+_V0_ROUTER_OPTIONS = {"top_p": {"top_p", "min_experts_per_tok"}, "sigmoid_topk": {"bias_update_rate"}}
+
+
+def _put(options: dict, path: tuple[str, ...], value) -> None:
+    """options[path[0]][path[1]]... = value, copying the nested dicts it writes into."""
+    for key in path[:-1]:
+        options[key] = dict(options.get(key) or {})
+        options = options[key]
+    options[path[-1]] = value
+
+
+def move_moe_aliases(fields: dict) -> dict:
+    """`fields` with the MoE aliases it holds moved into mlp_kwargs (an error if mlp is not "moe")."""
+    found = {name: fields[name] for name in MOE_ALIASES if name in fields}
+    if not found:
+        return fields
+    mlp_kind = fields.get("mlp", "swiglu")
+    if mlp_kind != "moe":
+        raise ValueError(f"config field(s) {sorted(found)} are options of mlp='moe'; this config has "
+                         f"mlp={mlp_kind!r}")
+    rest = {k: v for k, v in fields.items() if k not in found}
+    options = copy.deepcopy(rest.get("mlp_kwargs") or {})
+    for name, value in found.items():
+        _put(options, MOE_ALIASES[name], value)
+    return {**rest, "mlp_kwargs": options}
+
+
+def _upgrade_v0(raw: dict) -> dict:
+    """Version 0 -> 1: the 16 top-level MoE fields move into mlp_kwargs under MoEOptions' names."""
+    old = {name: raw.pop(name) for name in list(MOE_ALIASES) if name in raw}
+    if raw.get("mlp") != "moe":
+        return raw
+    old.setdefault("routed_scaling_factor", 1.0)  # added after the first release, 1.0 before
+    router = raw.get("mlp_kwargs", {}).get("router", old.get("moe_router", "softmax_topk"))
+    options: dict = {}
+    for name, value in old.items():
+        path = MOE_ALIASES[name]
+        if path[0] == "router_kwargs" and path[1] not in _V0_ROUTER_OPTIONS.get(router, ()):
+            continue
+        _put(options, path, value)
+    for name, value in (raw.get("mlp_kwargs") or {}).items():
+        path = _V0_MOE_KEYWORDS.get(name, (name,))
+        if path[0] == "router_kwargs" and path[1] not in _V0_ROUTER_OPTIONS.get(router, ()):
+            continue
+        _put(options, path, value)
+    return {**raw, "mlp_kwargs": options}
+
+
 @strict
-class ZooLMConfig(PreTrainedConfig):
-    """Config of the zoo's decoder LM: sizes plus the names of its attention, MLP and linear kinds."""
+class ZooLMConfig(VersionedConfig, PreTrainedConfig):
+    """Config of the zoo's decoder LM: sizes plus the names and options of its attention, MLP and linear kinds."""
 
     model_type = "zoo_lm"
-    # Fields that checkpoints written before they existed lack, with the value that reproduces those checkpoints.
-    FIELDS_ADDED_LATER = {"routed_scaling_factor": 1.0}
+    UPGRADES = (_upgrade_v0,)
+    ALIASES = MOE_ALIASES  # accepted as keywords (and load() overrides), stored in mlp_kwargs
     # transformers' generic names for our fields (used by its caches, pipelines and tools).
     attribute_map = {
         "hidden_size": "d_model",
@@ -60,7 +144,7 @@ class ZooLMConfig(PreTrainedConfig):
     attention: str = "dense"
     attention_kwargs: dict = field(default_factory=dict)
     mlp: str = "swiglu"
-    mlp_kwargs: dict = field(default_factory=dict)
+    mlp_kwargs: dict = field(default_factory=dict)  # for mlp="moe": layers.moe.MoEOptions fields
     linear: str = "dense"
     linear_kwargs: dict = field(default_factory=dict)
     linear_targets: str = "all"  # which projections use the linear kind: "mlp", "attn" or "all"
@@ -69,25 +153,14 @@ class ZooLMConfig(PreTrainedConfig):
     init_std: float = 0.02
     tie_word_embeddings: bool = True
     zoo_name: str | None = None  # the catalog entry this config came from, if any
-    # ---- Mixture of Experts: read only when mlp == "moe" (transformers' names where it has one) ----
-    num_local_experts: int = 8  # routed experts per MoE layer
-    num_experts_per_tok: int = 2  # k of top-k routing; for moe_router="top_p", the most experts a token may use
-    num_experts_per_tok_by_layer: list[int] | None = None  # per-layer k, overriding num_experts_per_tok
-    moe_router: str = "softmax_topk"  # "softmax_topk" (Mixtral), "sigmoid_topk" (DeepSeek-V3), "top_p"
-    moe_top_p: float = 0.5  # top_p router: the smallest expert set whose probability mass reaches this
-    moe_min_experts_per_tok: int = 1  # top_p router: at least this many experts per token
-    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
-    routed_scaling_factor: float = 1.0  # the routed experts' weighted sum is multiplied by this (DeepSeek-V2/V3)
-    moe_granularity: int = 1  # fine-grained experts: expert width = d_ff / moe_granularity
-    n_shared_experts: int = 0  # always-on experts of the expert width (DeepSeek-MoE)
-    moe_capacity_factor: float | None = None  # None: dropless; else each expert takes <= factor * tokens * k / E
-    router_jitter_noise: float = 0.0  # training: router input scaled by U(1 - noise, 1 + noise)
-    router_aux_loss_coef: float = 0.01  # weight of the switch load-balancing loss, per MoE layer
-    router_z_loss_coef: float = 0.001  # weight of the router z-loss, per MoE layer
-    moe_entropy_loss_coef: float = 0.0  # weight of the router-entropy loss (keeps top-p routing sparse)
-    moe_bias_update_rate: float = 0.001  # sigmoid_topk router: step of the balance bias per training step
+    config_version: int = 1  # the layout of this config (models/versioning.py); older dicts are upgraded
 
     def __post_init__(self, **kwargs):
+        # The MoE aliases (num_experts_per_tok=...) arrive here as unknown keywords: into mlp_kwargs.
+        aliases = {name: kwargs.pop(name) for name in MOE_ALIASES if name in kwargs}
+        if aliases:
+            fields = {"mlp": self.mlp, "mlp_kwargs": self.mlp_kwargs, **aliases}
+            self.mlp_kwargs = move_moe_aliases(fields)["mlp_kwargs"]
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
@@ -121,64 +194,30 @@ class ZooLMConfig(PreTrainedConfig):
         _check(self.linear_targets in LINEAR_TARGETS, "linear_targets", self.linear_targets,
                f"one of {LINEAR_TARGETS}")
         for name, registry in (("attention", attention.KINDS), ("mlp", mlp.KINDS), ("linear", linear.KINDS)):
-            _check(getattr(self, name) in registry, name, getattr(self, name), f"known kinds: {sorted(registry)}")
+            registry.check(getattr(self, name), name)
         for name in ("rope_theta", "norm_eps", "init_std"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
-        if self.mlp == "moe":
-            self._validate_moe()
+        self._validate_kind_options()
 
-    def _validate_moe(self):
-        """Checks the Mixture-of-Experts fields (only when mlp == "moe")."""
-        from layers.moe import ROUTERS
+    def mlp_linear(self) -> tuple[str, dict]:
+        """The linear kind (and its kwargs) of the MLP projections."""
+        return (self.linear, self.linear_kwargs) if self.linear_targets in ("mlp", "all") else ("dense", {})
 
-        for name in ("num_local_experts", "num_experts_per_tok", "moe_min_experts_per_tok", "moe_granularity",
-                     "n_shared_experts"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
-        e, k = self.num_local_experts, self.num_experts_per_tok
-        _check(e >= 1, "num_local_experts", e, "must be >= 1")
-        _check(1 <= k <= e, "num_experts_per_tok", k, f"must be in [1, num_local_experts={e}]")
-        _check(self.moe_router in ROUTERS, "moe_router", self.moe_router, f"known routers: {sorted(ROUTERS)}")
-        if self.num_experts_per_tok_by_layer is not None:
-            by_layer = self.num_experts_per_tok_by_layer
-            _check(len(by_layer) == self.n_layers, "num_experts_per_tok_by_layer", by_layer,
-                   f"must list one k per layer (n_layers={self.n_layers})")
-            for value in by_layer:
-                _check(isinstance(value, int) and 1 <= value <= e, "num_experts_per_tok_by_layer", by_layer,
-                       f"every k must be an integer in [1, num_local_experts={e}]")
-        top_p = self.moe_top_p
-        _check(isinstance(top_p, (int, float)) and 0 < top_p <= 1, "moe_top_p", top_p, "must be in (0, 1]")
-        min_k = self.moe_min_experts_per_tok
-        _check(1 <= min_k <= min([k, *(self.num_experts_per_tok_by_layer or [])]), "moe_min_experts_per_tok",
-               min_k, "must be in [1, num_experts_per_tok] (top_p routing uses between these many experts)")
-        g = self.moe_granularity
-        _check(g >= 1 and self.d_ff % g == 0, "moe_granularity", g,
-               f"must be >= 1 and divide d_ff={self.d_ff} (expert width = d_ff / moe_granularity)")
-        _check(isinstance(self.norm_topk_prob, bool), "norm_topk_prob", self.norm_topk_prob, "must be true or false")
-        _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
-        cf = self.moe_capacity_factor
-        _check(cf is None or (isinstance(cf, (int, float)) and cf > 0), "moe_capacity_factor", cf,
-               "must be None (dropless) or > 0")
-        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "moe_entropy_loss_coef", "moe_bias_update_rate"):
-            value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and value >= 0, name, value, "must be a number >= 0")
-        rsf = self.routed_scaling_factor
-        _check(isinstance(rsf, (int, float)) and not isinstance(rsf, bool) and rsf > 0, "routed_scaling_factor", rsf,
-               "must be a number > 0")
+    def attn_linear(self) -> tuple[str, dict]:
+        """The linear kind (and its kwargs) of the attention projections."""
+        return (self.linear, self.linear_kwargs) if self.linear_targets in ("attn", "all") else ("dense", {})
 
-    def moe_layer_kwargs(self, layer_idx: int) -> dict:
-        """The MoE fields as keyword arguments of layers.moe.MoEMLP for layer `layer_idx`."""
-        k = self.num_experts_per_tok
-        if self.num_experts_per_tok_by_layer is not None:
-            k = self.num_experts_per_tok_by_layer[layer_idx]
-        return dict(num_experts=self.num_local_experts, num_experts_per_tok=k, router=self.moe_router,
-                    top_p=self.moe_top_p, min_experts_per_tok=self.moe_min_experts_per_tok,
-                    renormalize=self.norm_topk_prob, granularity=self.moe_granularity,
-                    n_shared_experts=self.n_shared_experts, capacity_factor=self.moe_capacity_factor,
-                    jitter=self.router_jitter_noise, balance_loss_weight=self.router_aux_loss_coef,
-                    z_loss_weight=self.router_z_loss_coef, entropy_loss_weight=self.moe_entropy_loss_coef,
-                    bias_update_rate=self.moe_bias_update_rate, routed_scaling_factor=self.routed_scaling_factor)
+    def _validate_kind_options(self) -> None:
+        """Each kind checks its own options (and their combination with the model) at config time."""
+        mlp_kind = mlp.KINDS[self.mlp]
+        if hasattr(mlp_kind, "check_config"):
+            mlp_kind.check_config(self.mlp_kwargs, d_ff=self.d_ff, n_layers=self.n_layers,
+                                  mlp_linear=self.mlp_linear()[0])
+        else:
+            check_kwargs(mlp_kind, self.mlp_kwargs, "mlp_kwargs",
+                         reserved=("d_model", "d_ff", "linear", "linear_kwargs", "layer_idx"))
+        check_kwargs(attention.KINDS[self.attention], self.attention_kwargs, "attention_kwargs",
+                     reserved=("head_dim",))
 
 
 class DecoderBlock(nn.Module):
@@ -188,26 +227,30 @@ class DecoderBlock(nn.Module):
         super().__init__()
         c = config
         # The linear kind replaces nn.Linear in the projections that linear_targets names.
-        attn_linear = (c.linear, c.linear_kwargs) if c.linear_targets in ("attn", "all") else ("dense", {})
-        mlp_linear = (c.linear, c.linear_kwargs) if c.linear_targets in ("mlp", "all") else ("dense", {})
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = SelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.attention, c.attention_kwargs,
-                                  *attn_linear, layer_idx=layer_idx)
+                                  *c.attn_linear(), layer_idx=layer_idx)
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        mlp_kwargs = {**c.moe_layer_kwargs(layer_idx), **c.mlp_kwargs} if c.mlp == "moe" else c.mlp_kwargs
-        self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear[0], linear_kwargs=mlp_linear[1],
-                                    **mlp_kwargs)
+        mlp_linear, mlp_linear_kwargs = c.mlp_linear()
+        self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear, linear_kwargs=mlp_linear_kwargs,
+                                    layer_idx=layer_idx, **c.mlp_kwargs)
 
-    def forward(self, x, cos, sin, cache=None, key_padding_mask=None):
+    def forward(self, x, cos, sin, cache=None, key_padding_mask=None) -> tuple[torch.Tensor, LayerReport | None]:
+        """x (batch, seq, d_model) -> the block's output and its MLP's report (None for kinds without one)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, key_padding_mask=key_padding_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        out = self.mlp(self.mlp_norm(x))
+        out, report = out if isinstance(out, tuple) else (out, None)  # MLP kinds with losses/stats return both
+        return x + out, report
 
 
 @dataclass
 class ZooLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus the auxiliary losses that layers report (MoE balance, z-loss...)."""
+    """CausalLMOutputWithPast plus what the layers report: weighted auxiliary losses (MoE balance, z-loss...),
+    metrics to log (averaged over layers) and step statistics for the trainer's step hook (models/base.py)."""
 
     aux_losses: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+    step_stats: dict[str, torch.Tensor] | None = None
 
 
 class ZooLM(ZooPreTrainedModel, GenerationMixin):
@@ -279,34 +322,89 @@ class ZooLM(ZooPreTrainedModel, GenerationMixin):
         key_padding_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
-        for block in self.blocks:
-            x = block(x, cos, sin, cache=cache, key_padding_mask=key_padding_mask)
+        aux: dict[str, torch.Tensor] = {}
+        metrics: dict[str, list[torch.Tensor]] = {}
+        stats: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x, report = block(x, cos, sin, cache=cache, key_padding_mask=key_padding_mask)
+            if report is not None:
+                for name, value in report.aux_losses.items():
+                    aux[name] = aux[name] + value if name in aux else value
+                for name, value in report.metrics.items():
+                    metrics.setdefault(name, []).append(value)
+                stats.update({f"blocks.{i}.mlp.{name}": value for name, value in report.stats.items()})
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return ZooLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
-                           aux_losses=self.aux_losses())
+        loss = None if labels is None else next_token_loss(logits, labels)
+        return ZooLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, aux_losses=aux,
+                           metrics={name: torch.stack(v).float().mean() for name, v in metrics.items()},
+                           step_stats=stats)
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        """Auxiliary losses the layers reported in the last forward (summed over layers, by name)."""
-        total: dict[str, torch.Tensor] = {}
-        for module in self.modules():
-            for name, value in getattr(module, "last_aux_losses", {}).items():
-                total[name] = total[name] + value if name in total else value
-        return total
+    @torch.no_grad()
+    def after_optimizer_step(self, stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        """The per-step updates: each layer with `on_optimizer_step` gets the statistics under its module path."""
+        for path, module in self.named_modules():
+            hook = getattr(module, "on_optimizer_step", None)
+            if hook is not None:
+                prefix = f"{path}."
+                hook({k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}, step)
+        return {}
 
-    def cost(self, seq_len: int | None = None) -> dict[str, float]:
-        """total_params, active_params (per token) and forward flops_per_token at seq_len."""
+    # ---- sparsity knobs ----------------------------------------------------------------------
+    def set_num_experts_per_tok(self, k: int, layers: list[int] | None = None) -> None:
+        """Route with k experts per token from now on (the largest k for top-p), in every MoE layer or `layers`.
+
+        The config's mlp_kwargs (num_experts_per_tok, or num_experts_per_tok_by_layer when layers differ)
+        follow, so that cost() and a later save_pretrained record the new k.
+        """
+        found = moe_layers(self)
+        chosen = list(range(len(found))) if layers is None else list(layers)
+        for i in chosen:
+            if not 0 <= i < len(found):
+                raise ValueError(f"layer {i} does not exist: the model has {len(found)} MoE layers")
+        set_num_experts_per_tok([found[i] for i in chosen], k)
+        per_layer = [m.router.num_experts_per_tok for m in found]
+        options = dict(self.config.mlp_kwargs)
+        if len(set(per_layer)) == 1:
+            options["num_experts_per_tok"] = per_layer[0]
+            options.pop("num_experts_per_tok_by_layer", None)
+        else:
+            options["num_experts_per_tok_by_layer"] = per_layer
+        self.config.mlp_kwargs = options
+
+    def set_top_p(self, top_p: float) -> None:
+        """Use probability mass `top_p` in every top-p router (and the config's router_kwargs.top_p)."""
+        set_top_p(moe_layers(self), top_p)
+        options = copy.deepcopy(self.config.mlp_kwargs)
+        _put(options, ("router_kwargs", "top_p"), top_p)
+        self.config.mlp_kwargs = options
+
+    # ---- cost --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def cost(self, seq_len: int | None = None, sample: torch.Tensor | None = None) -> dict[str, float]:
+        """total_params, active_params (per token) and forward flops_per_token at seq_len.
+
+        A function of the weights' structure and settings only. Top-p routing's k varies per token: by default
+        its largest k counts (worst case); pass `sample` (token ids) to count the mean k measured on them.
+        """
         seq_len = seq_len or self.config.max_seq_len
+        mean_k: list[float | None] = [None] * len(self.blocks)
+        if sample is not None:
+            was_training = self.training
+            self.eval()
+            stats = self(input_ids=sample.to(self.embed.weight.device)).step_stats
+            self.train(was_training)
+            per_expert = [stats.get(f"blocks.{i}.mlp.tokens_per_expert") for i in range(len(self.blocks))]
+            mean_k = [None if n is None else float(n.sum()) / sample.numel() for n in per_expert]
         total = sum(p.numel() for p in self.parameters())
-        # Parameters that a token does not touch (unused experts) are reported by their layer.
-        inactive = sum(getattr(m, "inactive_params_per_token", lambda: 0)() for m in self.modules())
-        flops = sum(blk.attn.flops_per_token(seq_len) + blk.mlp.flops_per_token() for blk in self.blocks)
-        flops += 2 * self.config.d_model * self.config.vocab_size  # LM head; the embedding is a lookup
+        flops = 2 * self.config.d_model * self.config.vocab_size  # LM head; the embedding is a lookup
+        inactive = 0  # parameters that a token does not touch (unused experts), as their layer reports
+        for block, k in zip(self.blocks, mean_k, strict=True):
+            extra = {} if k is None else {"mean_experts_per_tok": k}
+            flops += block.attn.flops_per_token(seq_len) + block.mlp.flops_per_token(**extra)
+            inactive += getattr(block.mlp, "inactive_params_per_token", lambda **_: 0)(**extra)
         return {"total_params": total, "active_params": total - inactive, "flops_per_token": flops,
                 "seq_len": seq_len}
 

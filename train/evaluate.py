@@ -7,7 +7,8 @@ import json
 import math
 
 import torch
-import torch.nn.functional as F
+
+from models.losses import next_token_loss
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def evaluate_lm(model, data, batch_size: int, max_batches: int = 0, device: str 
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        loss = next_token_loss(logits, batch[:, 1:], shifted=True, reduction="sum")
         total += loss.item()
         count += batch[:, 1:].numel()
     model.train(was_training)

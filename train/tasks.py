@@ -1,18 +1,26 @@
-"""What the trainer trains on: a Task gives batches, the loss of a batch, and evaluation.
+"""What the trainer trains on, per model family: batches, the loss of a batch, the step hook, evaluation.
 
-The Trainer is the same for every family; the task is chosen by the model's `model_type`.
-`LMTask` (next-token prediction on a token corpus) serves every zoo LM; the SAE family adds
-its own task (`TASKS["zoo_sae"]`, reconstruction of harvested LM activations).
+The Trainer is the same for every family and knows each only through its record in FAMILIES,
+chosen by the model config's `model_type` (torchtitan's ModelSpec idea):
+
+- `task`: the Task class: `batch(step, rank, world)`, `loss(model, micro_batch, step_batch) -> StepLoss`,
+  `after_step(model, optimizer, stats, step) -> dict` (once per optimizer step, after the gradients
+  are reduced, with the step statistics summed over micro-batches and ranks), `evaluate(...)`,
+  and `items_per_step`, `flops_per_item`, `description`, `unit`;
+- `fsdp_units`: the submodules that FSDP shards one by one (the model itself is sharded last).
+
+A new family is one Task class and one FAMILIES line ("module:Name" entries import on first use).
 """
 
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from layers.registry import Registry
+from models.losses import next_token_loss
 from train.config import TrainConfig
 from train.data import load_token_data
 from train.evaluate import evaluate_lm
@@ -20,11 +28,21 @@ from train.evaluate import evaluate_lm
 BUNDLED = "the bundled Jargon File 4.4.7 (public domain)"
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross-entropy of a (batch, seq_len+1) block, and the aux losses the layers reported."""
+@dataclass
+class StepLoss:
+    """What a task's loss gives the trainer for one micro-batch."""
+
+    loss: torch.Tensor  # the main loss (logged as "loss")
+    aux: dict = field(default_factory=dict)  # weighted auxiliary losses, added to the loss
+    metrics: dict = field(default_factory=dict)  # 0-d tensors to log (mean over micro-batches and ranks)
+    stats: dict = field(default_factory=dict)  # step statistics for after_step (models/base.py)
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> StepLoss:
+    """Next-token cross-entropy of a (batch, seq_len+1) block, with what the layers reported."""
     out = model(input_ids=batch[:, :-1])
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-    return ce, dict(out.aux_losses or {})
+    return StepLoss(next_token_loss(out.logits, batch[:, 1:], shifted=True), dict(out.aux_losses or {}),
+                    dict(out.metrics or {}), dict(out.step_stats or {}))
 
 
 class LMTask:
@@ -47,26 +65,52 @@ class LMTask:
         """This rank's rows of global batch `step`: (batch_size / world, seq_len + 1) token ids."""
         return self.data.train_batch(step, self.cfg.batch_size, seed=self.cfg.seed, rank=rank, world_size=world)
 
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The main loss and the auxiliary losses of one (micro-)batch."""
+    def loss(self, model: nn.Module, batch: torch.Tensor, step_batch: torch.Tensor | None = None) -> StepLoss:
+        """The main loss, auxiliary losses, metrics and step statistics of one (micro-)batch."""
         return lm_loss(model, batch)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, stats: dict, step: int) -> dict:
+        """The model's per-step updates (router balance bias, projection redraws) from the global statistics."""
+        return model.after_optimizer_step(stats, step)
 
     def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:
         """Validation loss and perplexity."""
         return evaluate_lm(model, self.data, self.cfg.batch_size, self.cfg.eval_batches, device, autocast)
 
 
-# model_type -> Task class, or "module:Class" imported when first needed.
-TASKS: dict[str, type | str] = {"zoo_lm": LMTask, "zoo_sae": "train.sae_task:SAETask"}
+@dataclass(frozen=True)
+class Family:
+    """Everything the trainer needs from a model family."""
+
+    task: type | str  # the Task class, or "module:Name"
+    fsdp_units: str = "blocks"  # attribute holding the submodules FSDP shards one by one ("" for none)
+
+    def make_task(self, cfg: TrainConfig, model: nn.Module):
+        """The family's task for `model`."""
+        task = self.task
+        if isinstance(task, str):
+            import importlib
+
+            module, name = task.split(":")
+            task = getattr(importlib.import_module(module), name)
+        return task(cfg, model)
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The submodules to shard before the whole model."""
+        return list(getattr(model, self.fsdp_units, [])) if self.fsdp_units else []
+
+
+FAMILIES = Registry("training family (model_type)", {
+    "zoo_lm": Family(LMTask),
+    "zoo_sae": Family("train.sae_task:SAETask", fsdp_units=""),
+})
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family record of `model`, by its config's model_type."""
+    return FAMILIES[model.config.model_type]
 
 
 def make_task(cfg: TrainConfig, model: nn.Module):
     """The task that trains `model`, chosen by its config's model_type."""
-    kind = model.config.model_type
-    if kind not in TASKS:
-        raise ValueError(f"no training task for model_type {kind!r}; known: {sorted(TASKS)}")
-    task = TASKS[kind]
-    if isinstance(task, str):
-        module, name = task.split(":")
-        task = getattr(importlib.import_module(module), name)
-    return task(cfg, model)
+    return family_of(model).make_task(cfg, model)

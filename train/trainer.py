@@ -21,10 +21,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from models.base import merge_step_stats, stat_reduction
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.mfu import measure_matmul_flops, mfu
-from train.tasks import make_task
+from train.tasks import family_of
 
 
 def _say(message: str) -> None:
@@ -88,7 +89,8 @@ class Trainer:
                              f"--grad-accum {cfg.grad_accum} micro-batches")
         torch.manual_seed(cfg.seed)  # fresh weights are a function of the seed, the same on every rank
         self.model = load(cfg.model, **cfg.model_overrides)
-        self.task = make_task(cfg, self.model)  # batches, loss and evaluation for this model's family
+        self.family = family_of(self.model)  # all the trainer knows of the model's family
+        self.task = self.family.make_task(cfg, self.model)  # batches, loss, step hook and evaluation
         self.model.to(self.device).train()
         self.fsdp = self.world > 1 and cfg.fsdp
         self.step_done = 0
@@ -102,8 +104,8 @@ class Trainer:
                 self._restore(resume_from, with_optimizer=False)
             from torch.distributed.fsdp import fully_shard
 
-            for block in getattr(self.model, "blocks", []):
-                fully_shard(block)
+            for unit in self.family.shard_units(self.model):
+                fully_shard(unit)
             fully_shard(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=cfg.betas, fused=self.device.type == "cuda")
@@ -201,15 +203,17 @@ class Trainer:
         batch = self.task.batch(self.step_done, self.rank, self.world).to(self.device)
         micro_batches = batch.chunk(cfg.grad_accum)
         totals: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             ctx = self.train_model.no_sync() if (not sync and hasattr(self.train_model, "no_sync")) else _null()
             with ctx, torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                ce, aux = self.task.loss(self.train_model, micro)
-                loss = ce + sum(aux.values())
+                out = self.task.loss(self.train_model, micro, batch)
+                loss = out.loss + sum(out.aux.values())
             (loss / cfg.grad_accum).backward()
-            for name, value in {"loss": ce, "total_loss": loss, **aux}.items():
+            for name, value in {"loss": out.loss, "total_loss": loss, **out.aux, **out.metrics}.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float().item() / cfg.grad_accum
+            merge_step_stats(stats, out.stats)
         totals = self._mean_over_ranks(totals)
         if not all(math.isfinite(v) for v in totals.values()):
             where = self.last_checkpoint or "none yet"
@@ -219,11 +223,11 @@ class Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        after_step = getattr(self.task, "after_step", None)  # e.g. an SAE resampling its dead latents
-        extra = after_step(self.model, self.optimizer, self.step_done + 1) if after_step else {}
+        # The step hook: once per optimizer step, with the statistics of the whole global batch.
+        extra = self.task.after_step(self.model, self.optimizer, self._reduce_over_ranks(stats), self.step_done + 1)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return {"step": self.step_done + 1, **totals, "grad_norm": float(norm), "lr": lr, **extra}
+        return {"step": self.step_done + 1, **totals, "grad_norm": float(norm), "lr": lr, **(extra or {})}
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity (every rank computes the same numbers)."""
@@ -306,6 +310,15 @@ class Trainer:
         t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: v / self.world for k, v in zip(values, t.tolist(), strict=False)}
+
+    def _reduce_over_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Step statistics summed (or min / max reduced, by name) over the ranks."""
+        if self.world == 1:
+            return stats
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        for name in sorted(stats):  # the same order on every rank
+            dist.all_reduce(stats[name], op=ops[stat_reduction(name)])
+        return stats
 
     def _barrier(self) -> None:
         if self.world > 1:

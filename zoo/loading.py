@@ -7,6 +7,7 @@ a clear error naming the file or field, and no partially loaded model is ever re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -49,14 +50,14 @@ def _fields(config_cls) -> set[str]:
 
 def make_config(config_cls, fields: dict, overrides: dict, where: str):
     """config_cls(**fields, **overrides) with every problem turned into a ValueError naming `where`."""
-    known = _fields(config_cls)
+    known = _fields(config_cls) | set(getattr(config_cls, "ALIASES", ()))
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"{key!r} is not a field of {config_cls.__name__} ({where}){hint}")
     try:
-        return config_cls(**{**fields, **overrides})
+        return config_cls(**copy.deepcopy({**fields, **overrides}))
     except (StrictDataclassError, ValueError, TypeError) as err:
         raise ValueError(f"invalid config for {where}: {err}") from err
 
@@ -86,13 +87,16 @@ def read_config(folder: Path, **overrides):
         raise ValueError(f"{file}: field 'model_type' = {model_type!r} is not a zoo model type; "
                          f"known: {sorted(by_type)}")
     family, config_cls = by_type[model_type]
-    # Every field the zoo declares must be present: a missing one would silently take a default. The
-    # exception is a field added after checkpoints were published: the config class's FIELDS_ADDED_LATER
-    # maps it to the value that reproduces what those checkpoints did.
+    # The versioned upgrade (models/versioning.py), the same that from_pretrained applies: an older
+    # checkpoint's dict becomes today's, with the values that reproduce what it did.
+    try:
+        upgrade = getattr(config_cls, "upgrade", None)
+        raw = upgrade(raw) if upgrade else {**getattr(config_cls, "FIELDS_ADDED_LATER", {}), **raw}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file}: {err}") from err
+    # Every field the zoo declares must then be present: a missing one would silently take a default.
     declared = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.__annotations__]
-    later = getattr(config_cls, "FIELDS_ADDED_LATER", {})
-    missing = [name for name in declared if name not in raw and name not in later]
-    raw = {**later, **raw}
+    missing = [name for name in declared if name not in raw]
     if missing:
         raise ValueError(f"{file} lacks the field(s) {missing} of {config_cls.__name__}")
     raw.pop("model_type")

@@ -18,14 +18,15 @@ from layers.attention.local import LocalAttention
 from layers.attention.lsh import LSHAttention
 from layers.attention.performer import PerformerAttention
 from layers.attention.scatterbrain import ScatterbrainAttention
+from layers.registry import Registry
 
-KINDS: dict[str, type] = {
+KINDS = Registry("attention kind", {
     "dense": DenseAttention,
     "local": LocalAttention,
     "lsh": LSHAttention,
     "performer": PerformerAttention,
     "scatterbrain": ScatterbrainAttention,
-}
+})
 
 from layers.attention.self_attention import SelfAttention  # noqa: E402  (needs KINDS)
 

@@ -200,10 +200,7 @@ class LSHAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
-        rotations = None
-        if self.rotations is not None:
-            self.rotations.step()
-            rotations = self.rotations.weight
+        rotations = None if self.rotations is None else self.rotations.weight
         return lsh_attention(q, k, v, rotations, self.chunk, causal, key_padding_mask)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:

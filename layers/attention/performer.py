@@ -110,7 +110,6 @@ class PerformerAttention(nn.Module):
     ) -> torch.Tensor:
         """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
         check_qkv(q, k, v)
-        self.features.step()
         k, v = repeat_kv_heads(q, k, v)
         with torch.autocast(q.device.type, enabled=False):  # exp features need float32
             phi_q, _ = favor_features(q, self.features.weight, is_query=True)

@@ -2,8 +2,10 @@
 
 The matrix is a persistent buffer, so a saved model reloads with exactly the projection it was
 saved with, and decoding with a KV cache sees the same projection as a full forward. In training
-it is redrawn every `redraw_every` training forwards from a generator seeded by (seed, count):
-every data-parallel rank and every resumed run draws the same matrices.
+it is redrawn every `redraw_every` optimizer steps (the trainer's step hook calls
+`on_optimizer_step`; forward never changes it) from a generator seeded by (seed, count): every
+data-parallel rank, every micro-batch of a step and every resumed run sees the same matrices.
+The buffer `training_calls` counts those steps (its name is kept so that checkpoints load).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class RandomProjection(nn.Module):
         return gaussian_orthogonal(self.rows, self.dim, generator)
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Count one training forward; redraw the matrix every `redraw_every` of them."""
-        if not self.training or self.redraw_every == 0:
+    def on_optimizer_step(self, stats: dict, step: int) -> None:
+        """Count one optimizer step; redraw the matrix every `redraw_every` of them."""
+        if self.redraw_every == 0:
             return
         self.training_calls += 1
         calls = int(self.training_calls)

@@ -70,9 +70,6 @@ class ScatterbrainAttention(nn.Module):
     ) -> torch.Tensor:
         """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
         check_qkv(q, k, v)
-        self.features.step()
-        if self.rotations is not None:
-            self.rotations.step()
         k, v = repeat_kv_heads(q, k, v)
         with torch.autocast(q.device.type, enabled=False):  # exp features need float32
             out = self._attend(q.float(), k.float(), v.float(), causal, key_padding_mask)

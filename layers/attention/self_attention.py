@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from layers.attention import KINDS
-from layers.linear import lookup, make_linear
+from layers.linear import make_linear
 from layers.rotary import apply_rotary
 
 
@@ -33,7 +33,7 @@ class SelfAttention(nn.Module):
         self.k_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, **lk)
         self.v_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, **lk)
         self.o_proj = make_linear(linear, n_heads * self.head_dim, d_model, **lk)
-        self.kernel = lookup(KINDS, kind, "attention")(head_dim=self.head_dim, **(kind_kwargs or {}))
+        self.kernel = KINDS[kind](head_dim=self.head_dim, **(kind_kwargs or {}))
 
     def forward(
         self,

@@ -6,21 +6,25 @@
 - experts.py: SwiGLU experts on sorted tokens, one grouped (or batched) matmul per projection;
 - megablocks_backend.py: the same experts through megablocks' dMoE kernels on CUDA;
 - losses.py: switch load-balancing loss, router z-loss, router entropy, load statistics;
-- layer.py: MoEMLP, and setting k / top-p on a built model.
+- options.py: MoEOptions, the kind's options (the LM config's mlp_kwargs), self-validating;
+- layer.py: MoEMLP, and setting k / top-p on its layers (the zoo LM's methods of the same names).
+
+Adding a router is one class (a Router subclass with its OPTIONS) and one line in ROUTERS.
 """
 
 from layers import mlp
 from layers.moe.dispatch import DispatchPlan, combine, dispatch, make_plan
 from layers.moe.experts import SwiGLUExperts, capacity_for
-from layers.moe.layer import MoEMLP, collect_metrics, moe_layers, set_num_experts_per_tok, set_top_p
+from layers.moe.layer import MoEMLP, moe_layers, set_num_experts_per_tok, set_top_p
 from layers.moe.losses import load_balancing_loss, load_statistics, router_entropy_loss, router_z_loss
-from layers.moe.routers import ROUTERS, Router, Routing, SigmoidTopKRouter, SoftmaxTopKRouter, TopPRouter, make_router
+from layers.moe.options import MoEOptions
+from layers.moe.routers import ROUTERS, Router, Routing, SigmoidTopKRouter, SoftmaxTopKRouter, TopPRouter
 
-mlp.KINDS["moe"] = MoEMLP
+mlp.KINDS.register("moe", MoEMLP)
 
 __all__ = [
-    "ROUTERS", "DispatchPlan", "MoEMLP", "Router", "Routing", "SigmoidTopKRouter", "SoftmaxTopKRouter",
-    "SwiGLUExperts", "TopPRouter", "capacity_for", "collect_metrics", "combine", "dispatch", "load_balancing_loss",
-    "load_statistics", "make_plan", "make_router", "moe_layers", "router_entropy_loss", "router_z_loss",
+    "ROUTERS", "DispatchPlan", "MoEMLP", "MoEOptions", "Router", "Routing", "SigmoidTopKRouter", "SoftmaxTopKRouter",
+    "SwiGLUExperts", "TopPRouter", "capacity_for", "combine", "dispatch", "load_balancing_loss",
+    "load_statistics", "make_plan", "moe_layers", "router_entropy_loss", "router_z_loss",
     "set_num_experts_per_tok", "set_top_p",
 ]

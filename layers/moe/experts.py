@@ -12,7 +12,8 @@ Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
 - "tiered": padded rows in a few tiers, one bmm each (see layers/moe/dispatch.py): padding stays small
   when a few experts are overloaded, at the price of copying those experts' weights.
 - "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors
-  when installed (`layers.kernels.can_use_megablocks`); grouped on other CUDA bf16 tensors; else tiered.
+  when installed; grouped on other CUDA bf16 tensors; else tiered. The choice is made in
+  `layers.kernels.moe_experts_layout`, the one place that picks kernels.
 The backward is written out (one autograd function for the three projections), so that only the
 expert inputs and the two hidden pre-activations are kept, and the SwiGLU product is recomputed.
 """
@@ -28,8 +29,7 @@ from torch import nn
 from layers import kernels
 from layers.moe.dispatch import DispatchPlan, combine, dispatch, make_plan
 
-HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-IMPLS = ("auto", "padded", "tiered", "grouped", "megablocks")
+IMPLS = kernels.MOE_IMPLS
 
 
 def _group_mm(a: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, transpose_w: bool,
@@ -130,7 +130,7 @@ class SwiGLUExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 capacity: int | None = None) -> tuple[torch.Tensor, DispatchPlan | None]:
         """x (T, d), weights / experts (T, K) (-1: unused) -> ((T, d) output, plan; None on megablocks)."""
-        layout = self._choose_layout(x, capacity)
+        layout = kernels.moe_experts_layout(x, self.impl, self.d_model, self.width, capacity)
         if layout == "megablocks":
             from layers.moe.megablocks_backend import megablocks_experts
 
@@ -143,23 +143,6 @@ class SwiGLUExperts(nn.Module):
         rows = dispatch(x, plan)  # (R, d)
         rows = _SwiGLUExpertsFn.apply(rows, self.w_gate, self.w_up, self.w_down, plan)
         return combine(rows, weights, plan), plan
-
-    def _choose_layout(self, x: torch.Tensor, capacity: int | None) -> str:
-        """"megablocks", or a make_plan layout: "padded", "tiered" or "grouped"."""
-        grouped_ok = HAS_GROUPED_MM and all(n * x.element_size() % 16 == 0 for n in (self.d_model, self.width))
-        if x.is_cuda:  # grouped_mm's CUDA kernel: bf16 on sm80+
-            sm80 = torch.cuda.get_device_capability(x.device) >= (8, 0)
-            grouped_ok = grouped_ok and x.dtype == torch.bfloat16 and sm80
-        if self.impl in ("grouped", "megablocks") and not (grouped_ok if self.impl == "grouped" else x.is_cuda):
-            raise RuntimeError(f"impl={self.impl!r} cannot run here: grouped needs torch.nn.functional.grouped_mm "
-                               f"and 16-byte-aligned rows; megablocks needs CUDA")
-        if self.impl != "auto":
-            return self.impl
-        if capacity is None and x.dtype in (torch.bfloat16, torch.float16) and kernels.can_use_megablocks(x):
-            return "megablocks"
-        if x.is_cuda and grouped_ok:  # on CPU grouped ties with tiered (BENCHMARKS.md) and takes more memory
-            return "grouped"
-        return "tiered"
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, width={self.width}, impl={self.impl!r}"

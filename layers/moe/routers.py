@@ -4,21 +4,31 @@ Every router returns a `Routing` of fixed width K: `experts[t, j] = -1` marks an
 (top-p routing uses fewer than K experts for some tokens), and its weight is 0. The router
 always computes in fp32 (ST-MoE: router logits in low precision destabilise training).
 
+A router is one class and one line in ROUTERS. Its own options (beyond the shared
+`norm_topk_prob` and `jitter`) are listed in `OPTIONS` as name -> (check, what is allowed); they
+arrive from the config as `mlp_kwargs.router_kwargs` and are validated at config time by
+`check_options`.
+
 - softmax_topk: softmax over experts, keep the k largest (Mixtral; optional renormalisation).
 - sigmoid_topk: sigmoid affinities, select the top k of affinity + a per-expert bias that a
   no-gradient rule moves towards balance (DeepSeek-V3's auxiliary-loss-free balancing); the
-  weights are the selected affinities (normalised), the bias only affects the selection.
+  weights are the selected affinities (normalised), the bias only affects the selection. The
+  bias moves once per optimizer step, from the step's global load (`update_balance`), never
+  inside forward.
 - top_p: softmax, then the smallest set of experts whose probability mass reaches p, between
   min_k and k experts ("Harder Tasks Need More Experts: Dynamic Routing in MoE Models").
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from layers.registry import Registry
 
 
 @dataclass
@@ -31,15 +41,42 @@ class Routing:
     probs: torch.Tensor  # (T, E) fp32 router probabilities (load-balancing loss)
 
 
+def _fraction(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _rate(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+
+
 class Router(nn.Module):
     """Linear scores over experts, computed in fp32, with optional multiplicative input jitter in training."""
 
-    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, jitter: float = 0.0):
+    OPTIONS: dict = {}  # the router's own options: name -> (check(value) -> bool, what is allowed)
+
+    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, norm_topk_prob: bool = True,
+                 jitter: float = 0.0):
         super().__init__()
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
+        self.norm_topk_prob = norm_topk_prob
         self.jitter = jitter
         self.proj = nn.Linear(d_model, num_experts, bias=False)
+
+    @classmethod
+    def check_options(cls, options: dict, num_experts_per_tok: int) -> None:
+        """A ValueError naming the first unknown or invalid option in `options` (mlp_kwargs.router_kwargs)."""
+        for name, value in options.items():
+            if name not in cls.OPTIONS:
+                raise ValueError(f"config field 'mlp_kwargs.router_kwargs' has unknown option {name!r} for "
+                                 f"{cls.__name__}; known: {sorted(cls.OPTIONS)}")
+            ok, allowed = cls.OPTIONS[name]
+            if not ok(value):
+                raise ValueError(f"config field 'mlp_kwargs.router_kwargs.{name}' = {value!r} is invalid: {allowed}")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, d) -> (T, E) fp32 logits; in training the input is scaled by U(1 - jitter, 1 + jitter) (Switch)."""
@@ -49,14 +86,17 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, self.proj.weight.float())
 
+    def normalize(self, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' weights, renormalised to sum to 1 when norm_topk_prob is set."""
+        return weights / weights.sum(-1, keepdim=True) if self.norm_topk_prob else weights
+
     @property
     def max_experts_per_tok(self) -> int:
         """K, the width of the Routing this router returns."""
         return self.num_experts_per_tok
 
-    def mean_experts_per_tok(self) -> float:
-        """Experts a token uses on average (k for the fixed-k routers)."""
-        return float(self.num_experts_per_tok)
+    def update_balance(self, tokens_per_expert: torch.Tensor) -> None:
+        """Once per optimizer step, with the step's global routed assignments per expert (E,): nothing here."""
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, num_experts_per_tok={self.num_experts_per_tok}, jitter={self.jitter}"
@@ -65,28 +105,22 @@ class Router(nn.Module):
 class SoftmaxTopKRouter(Router):
     """Softmax over experts, keep the top k; renormalise the k weights to sum to 1 if asked (Mixtral)."""
 
-    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, renormalize: bool = True,
-                 jitter: float = 0.0):
-        super().__init__(d_model, num_experts, num_experts_per_tok, jitter)
-        self.renormalize = renormalize
-
     def forward(self, x: torch.Tensor) -> Routing:
         """Route (T, d) tokens."""
         logits = self.logits(x)
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.num_experts_per_tok, dim=-1)  # (T, k)
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return Routing(weights, experts, logits, probs)
+        return Routing(self.normalize(weights), experts, logits, probs)
 
 
 class SigmoidTopKRouter(Router):
-    """Sigmoid affinities; top k of affinity + balance bias; bias nudged by `bias_update_rate` each training step."""
+    """Sigmoid affinities; top k of affinity + balance bias; the bias moves by `bias_update_rate` per optimizer step."""
 
-    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, renormalize: bool = True,
+    OPTIONS = {"bias_update_rate": (_rate, "must be a number >= 0")}
+
+    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, norm_topk_prob: bool = True,
                  jitter: float = 0.0, bias_update_rate: float = 1e-3):
-        super().__init__(d_model, num_experts, num_experts_per_tok, jitter)
-        self.renormalize = renormalize
+        super().__init__(d_model, num_experts, num_experts_per_tok, norm_topk_prob=norm_topk_prob, jitter=jitter)
         self.bias_update_rate = bias_update_rate
         # Selection bias (DeepSeek-V3): part of the state dict, never trained by gradients.
         self.register_buffer("bias", torch.zeros(num_experts))
@@ -98,36 +132,44 @@ class SigmoidTopKRouter(Router):
                 self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """Route (T, d) tokens; in training, move the bias towards a balanced load."""
+        """Route (T, d) tokens (pure: the bias moves in update_balance)."""
         logits = self.logits(x)
         scores = torch.sigmoid(logits)  # (T, E)
         experts = (scores + self.bias).topk(self.num_experts_per_tok, dim=-1).indices  # (T, k)
-        weights = scores.gather(1, experts)
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        if self.training and self.bias_update_rate > 0:
-            with torch.no_grad():
-                load = torch.bincount(experts.flatten(), minlength=self.num_experts).float()
-                self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        weights = self.normalize(scores.gather(1, experts))
         probs = scores / scores.sum(-1, keepdim=True)  # normalised affinities, for the balance loss
         return Routing(weights, experts, logits, probs)
+
+    @torch.no_grad()
+    def update_balance(self, tokens_per_expert: torch.Tensor) -> None:
+        """Move the bias towards a balanced load: + rate for under-loaded experts, - rate for over-loaded ones."""
+        if self.bias_update_rate > 0:
+            load = tokens_per_expert.to(self.bias.device).float()
+            self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
 
 class TopPRouter(Router):
     """Softmax; the smallest set of experts whose mass reaches top_p, at least min_k and at most k experts."""
 
-    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, top_p: float = 0.5,
-                 min_experts_per_tok: int = 1, renormalize: bool = True, jitter: float = 0.0):
-        super().__init__(d_model, num_experts, num_experts_per_tok, jitter)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        if not 1 <= min_experts_per_tok <= num_experts_per_tok:
-            raise ValueError(f"min_experts_per_tok={min_experts_per_tok} must be in [1, num_experts_per_tok="
-                             f"{num_experts_per_tok}]")
+    OPTIONS = {"top_p": (_fraction, "must be in (0, 1]"),
+               "min_experts_per_tok": (_positive_int, "must be an integer >= 1 and <= num_experts_per_tok")}
+
+    @classmethod
+    def check_options(cls, options: dict, num_experts_per_tok: int) -> None:
+        """As Router.check_options, and min_experts_per_tok <= every layer's k."""
+        super().check_options(options, num_experts_per_tok)
+        min_k = options.get("min_experts_per_tok", 1)
+        if min_k > num_experts_per_tok:
+            raise ValueError(f"config field 'mlp_kwargs.router_kwargs.min_experts_per_tok' = {min_k!r} is invalid: "
+                             f"must be <= num_experts_per_tok={num_experts_per_tok} (top_p routing uses between "
+                             f"these many experts)")
+
+    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, norm_topk_prob: bool = True,
+                 jitter: float = 0.0, top_p: float = 0.5, min_experts_per_tok: int = 1):
+        super().__init__(d_model, num_experts, num_experts_per_tok, norm_topk_prob=norm_topk_prob, jitter=jitter)
+        self.check_options({"top_p": top_p, "min_experts_per_tok": min_experts_per_tok}, num_experts_per_tok)
         self.top_p = top_p
         self.min_experts_per_tok = min_experts_per_tok
-        self.renormalize = renormalize
-        self.last_mean_experts: float | None = None  # measured in the last forward
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route (T, d) tokens to between min_k and k experts each."""
@@ -137,36 +179,14 @@ class TopPRouter(Router):
         mass_before = top.cumsum(-1) - top  # probability mass of the experts ranked above each slot
         n = (mass_before < self.top_p).sum(-1).clamp(self.min_experts_per_tok, self.num_experts_per_tok)  # (T,)
         used = torch.arange(top.shape[1], device=x.device) < n.unsqueeze(1)  # (T, K)
-        weights = top * used
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        self.last_mean_experts = float(n.float().mean()) if n.numel() else None
-        return Routing(weights, experts.masked_fill(~used, -1), logits, probs)
-
-    def mean_experts_per_tok(self) -> float:
-        """Mean experts per token in the last forward; before any forward, the largest k (worst case)."""
-        return self.last_mean_experts if self.last_mean_experts is not None else float(self.num_experts_per_tok)
+        return Routing(self.normalize(top * used), experts.masked_fill(~used, -1), logits, probs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_p={self.top_p}, min_experts_per_tok={self.min_experts_per_tok}"
 
 
-ROUTERS: dict[str, type[Router]] = {
+ROUTERS = Registry("router", {
     "softmax_topk": SoftmaxTopKRouter,
     "sigmoid_topk": SigmoidTopKRouter,
     "top_p": TopPRouter,
-}
-
-
-def make_router(kind: str, d_model: int, num_experts: int, num_experts_per_tok: int, *, renormalize: bool = True,
-                jitter: float = 0.0, top_p: float = 0.5, min_experts_per_tok: int = 1,
-                bias_update_rate: float = 1e-3) -> Router:
-    """Build the router `kind` with the options it uses."""
-    if kind not in ROUTERS:
-        raise ValueError(f"unknown router kind {kind!r}; known kinds: {sorted(ROUTERS)}")
-    options: dict = {"renormalize": renormalize, "jitter": jitter}
-    if kind == "sigmoid_topk":
-        options["bias_update_rate"] = bias_update_rate
-    if kind == "top_p":
-        options.update(top_p=top_p, min_experts_per_tok=min_experts_per_tok)
-    return ROUTERS[kind](d_model, num_experts, num_experts_per_tok, **options)
+})

@@ -25,7 +25,8 @@ STRUCTURED_KINDS = {
     "blocksparse": BlockSparseLinear,
     "lowrank": LowRankLinear,
 }
-KINDS.update(STRUCTURED_KINDS)
+for _name, _kind in STRUCTURED_KINDS.items():
+    KINDS.register(_name, _kind)
 
 __all__ = ["STRUCTURED_KINDS", "BlockSparseLinear", "LowRankLinear", "MonarchLinear", "PixelflyLinear",
            "flat_butterfly_layout", "flat_butterfly_nnz_blocks", "lowrank_project", "monarch_project",

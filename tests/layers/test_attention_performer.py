@@ -87,18 +87,18 @@ def test_projections_are_redrawn_on_schedule_in_training_from_the_seed():
     torch.manual_seed(0)
     proj = RandomProjection(8, 16, redraw_every=3).train()
     first = proj.weight.clone()
-    proj.step()
-    proj.step()
+    proj.on_optimizer_step({}, 1)
+    proj.on_optimizer_step({}, 2)
     assert torch.equal(proj.weight, first)
-    proj.step()  # the third training forward redraws
+    proj.on_optimizer_step({}, 3)  # the third optimizer step redraws
     assert not torch.equal(proj.weight, first)
     assert torch.equal(proj.weight, proj.draw(1))
     # a copy (a resumed run, another data-parallel rank) redraws exactly the same matrices
     twin = RandomProjection(8, 16, redraw_every=3).train()
     twin.load_state_dict(proj.state_dict())
-    for _ in range(3):
-        proj.step()
-        twin.step()
+    for step in range(4, 7):
+        proj.on_optimizer_step({}, step)
+        twin.on_optimizer_step({}, step)
     assert torch.equal(proj.weight, twin.weight) and torch.equal(proj.weight, proj.draw(2))
 
 

@@ -8,7 +8,7 @@ from layers import kernels
 from layers.mlp import SwiGLU
 from layers.moe import MoEMLP, SwiGLUExperts, make_plan
 from layers.moe.dispatch import tier_sizes
-from layers.moe.experts import HAS_GROUPED_MM
+from layers.kernels import HAS_GROUPED_MM
 
 IMPLS = ["padded", "tiered", "grouped"] if HAS_GROUPED_MM else ["padded", "tiered"]
 
@@ -122,10 +122,10 @@ def test_moe_layer_reports_dropped_fraction_in_capacity_mode():
     torch.manual_seed(0)
     layer = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=2, capacity_factor=0.5)
     layer.experts.init_weights_(0.1)
-    layer(torch.randn(40, 16))
-    dropped = float(layer.last_metrics["moe_dropped_fraction"])
+    _, report = layer(torch.randn(40, 16))
+    dropped = float(report.metrics["moe_dropped_fraction"])
     capacity = 10  # ceil(0.5 * 40 * 2 / 4)
-    expected = 1 - layer.last_tokens_per_expert.clamp(max=capacity).sum().item() / 80
+    expected = 1 - report.stats["tokens_per_expert"].clamp(max=capacity).sum().item() / 80
     assert dropped == pytest.approx(expected) and dropped > 0
 
 
@@ -142,7 +142,7 @@ def test_one_expert_moe_equals_its_mlp():
     x = torch.randn(2, 5, 16)
     for impl in IMPLS:
         moe.experts.impl = impl
-        torch.testing.assert_close(moe(x), mlp(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(moe(x)[0], mlp(x), atol=1e-6, rtol=1e-5)
 
 
 def test_all_experts_with_uniform_weights_equal_the_mean_of_all_experts():
@@ -153,7 +153,7 @@ def test_all_experts_with_uniform_weights_equal_the_mean_of_all_experts():
     x = torch.randn(7, 16)
     e = moe.experts
     each = [(F.silu(x @ e.w_gate[i].T) * (x @ e.w_up[i].T)) @ e.w_down[i] for i in range(4)]
-    torch.testing.assert_close(moe(x), torch.stack(each).mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe(x)[0], torch.stack(each).mean(0), atol=1e-6, rtol=1e-5)
 
 
 def test_routed_scaling_factor_multiplies_the_routed_sum_only():
@@ -163,7 +163,7 @@ def test_routed_scaling_factor_multiplies_the_routed_sum_only():
     x = torch.randn(5, 16)
     routing = moe.router(x)
     routed, _ = moe.experts(x, routing.weights, routing.experts)
-    torch.testing.assert_close(moe(x), 2.5 * routed + moe.shared(x))
+    torch.testing.assert_close(moe(x)[0], 2.5 * routed + moe.shared(x))
     plain = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, granularity=2)
     assert moe.flops_per_token() == plain.flops_per_token() + 16  # one multiply per output feature
 
@@ -175,7 +175,7 @@ def test_shared_experts_are_added_to_every_token():
     x = torch.randn(5, 16)
     routing = moe.router(x)
     routed, _ = moe.experts(x, routing.weights, routing.experts)
-    torch.testing.assert_close(moe(x), routed + moe.shared(x))
+    torch.testing.assert_close(moe(x)[0], routed + moe.shared(x))
 
 
 def _compare_on_cuda(impl: str, unused: float) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from layers.moe import MoEMLP, collect_metrics, set_num_experts_per_tok, set_top_p
+from layers.moe import MoEMLP
 from models.lm import ZooLM, ZooLMConfig
 from zoo import load
 
@@ -16,33 +16,47 @@ def tiny_moe(**kw) -> ZooLM:
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
-    ({"moe_top_p": 0.0}, "moe_top_p"),
-    ({"moe_top_p": 1.2}, "moe_top_p"),
-    ({"moe_granularity": 5}, "moe_granularity"),
-    ({"moe_router": "nope"}, "moe_router"),
-    ({"num_experts_per_tok_by_layer": [1]}, "num_experts_per_tok_by_layer"),
-    ({"num_experts_per_tok_by_layer": [1, 9]}, "num_experts_per_tok_by_layer"),
-    ({"moe_min_experts_per_tok": 3}, "moe_min_experts_per_tok"),
-    ({"moe_capacity_factor": 0.0}, "moe_capacity_factor"),
-    ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
-    ({"routed_scaling_factor": 0.0}, "routed_scaling_factor"),
-    ({"routed_scaling_factor": "2"}, "routed_scaling_factor"),
+    ({"num_experts_per_tok": 5}, "mlp_kwargs.num_experts_per_tok"),
+    ({"moe_router": "top_p", "moe_top_p": 0.0}, "router_kwargs.top_p"),
+    ({"moe_router": "top_p", "moe_top_p": 1.2}, "router_kwargs.top_p"),
+    ({"moe_granularity": 5}, "mlp_kwargs.granularity"),
+    ({"moe_router": "nope"}, "mlp_kwargs.router"),
+    ({"num_experts_per_tok_by_layer": [1]}, "mlp_kwargs.num_experts_per_tok_by_layer"),
+    ({"num_experts_per_tok_by_layer": [1, 9]}, "mlp_kwargs.num_experts_per_tok_by_layer"),
+    ({"moe_router": "top_p", "moe_min_experts_per_tok": 3}, "router_kwargs.min_experts_per_tok"),
+    ({"moe_capacity_factor": 0.0}, "mlp_kwargs.capacity_factor"),
+    ({"router_aux_loss_coef": -1.0}, "mlp_kwargs.router_aux_loss_coef"),
+    ({"routed_scaling_factor": 0.0}, "mlp_kwargs.routed_scaling_factor"),
+    ({"routed_scaling_factor": "2"}, "mlp_kwargs.routed_scaling_factor"),
+    ({"mlp_kwargs": {"num_expert": 4}}, "unknown MoE option"),
+    ({"mlp_kwargs": {"router_kwargs": {"top_p": 0.5}}}, "router_kwargs"),  # softmax_topk has no top_p
 ])
 def test_bad_moe_config_names_the_field_and_the_value(bad, field):
-    with pytest.raises(Exception, match=field) as err:
+    with pytest.raises(Exception, match=field) as err:  # transformers wraps it in its validation error
         ZooLMConfig(**{**SMALL, "mlp": "moe", "num_local_experts": 4}, **bad)
-    assert repr(next(iter(bad.values()))) in str(err.value)
+    assert repr(list(bad.values())[-1]) in str(err.value) or "unknown" in str(err.value)
 
 
-def test_dense_configs_ignore_the_moe_fields():
-    torch.manual_seed(0)
-    plain = ZooLM(ZooLMConfig(**SMALL))
-    torch.manual_seed(0)
-    other = ZooLM(ZooLMConfig(**SMALL, num_experts_per_tok=99, moe_granularity=7))
-    assert not any(isinstance(m, MoEMLP) for m in other.modules())
-    x = torch.randint(0, 64, (1, 8))
-    torch.testing.assert_close(plain(x).logits, other(x).logits)
+def test_moe_options_on_a_dense_config_are_refused():
+    with pytest.raises(ValueError, match="options of mlp='moe'.*mlp='swiglu'"):
+        ZooLMConfig(**SMALL, num_experts_per_tok=2)
+    with pytest.raises(Exception, match="mlp_kwargs.*unknown option"):
+        ZooLMConfig(**SMALL, mlp_kwargs={"num_experts": 4})
+    with pytest.raises(ValueError, match="not a field|options of mlp='moe'"):
+        load("lm-dense-tiny", num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("targets", ["mlp", "all"])
+def test_structured_linear_on_moe_experts_is_refused_at_config_time(targets):
+    with pytest.raises(Exception, match="'linear'.*routed experts.*dense"):
+        ZooLMConfig(**SMALL, mlp="moe", linear="monarch", linear_kwargs={"nblocks": 2}, linear_targets=targets)
+    ZooLMConfig(**SMALL, mlp="moe", linear="monarch", linear_kwargs={"nblocks": 2}, linear_targets="attn")
+
+
+def test_moe_fields_live_in_mlp_kwargs_as_attention_options_live_in_attention_kwargs():
+    config = ZooLMConfig(**SMALL, mlp="moe", num_local_experts=4, moe_router="top_p", moe_top_p=0.3)
+    assert config.mlp_kwargs == {"num_experts": 4, "router": "top_p", "router_kwargs": {"top_p": 0.3}}
+    assert not hasattr(config, "num_local_experts") and not hasattr(config, "moe_top_p")
 
 
 def test_k_at_load_time_changes_active_flops_and_keeps_outputs_finite():
@@ -51,7 +65,7 @@ def test_k_at_load_time_changes_active_flops_and_keeps_outputs_finite():
     for k in (1, 2, 8, 16):
         torch.manual_seed(0)
         model = load("moe-fine-tiny", n_layers=1, num_experts_per_tok=k)
-        assert model.config.num_experts_per_tok == k and model.blocks[0].mlp.router.num_experts_per_tok == k
+        assert model.config.mlp_kwargs["num_experts_per_tok"] == k and model.blocks[0].mlp.router.num_experts_per_tok == k
         assert torch.isfinite(model(x).logits).all()
         costs[k] = model.cost(64)
     expert = model.blocks[0].mlp.experts
@@ -66,36 +80,54 @@ def test_set_num_experts_per_tok_on_a_built_model_updates_layers_config_and_cost
     model = tiny_moe(num_experts_per_tok=2)
     x = torch.randint(0, 64, (1, 10))
     before, cost2 = model(x).logits, model.cost()
-    set_num_experts_per_tok(model, 1)
-    assert model.config.num_experts_per_tok == 1
+    model.set_num_experts_per_tok(1)
+    assert model.config.mlp_kwargs["num_experts_per_tok"] == 1
     assert model.cost()["flops_per_token"] < cost2["flops_per_token"]
     assert not torch.allclose(model(x).logits, before)
-    set_num_experts_per_tok(model, 4, layers=[1])
+    model.set_num_experts_per_tok(4, layers=[1])
     assert [b.mlp.router.num_experts_per_tok for b in model.blocks] == [1, 4]
-    assert model.config.num_experts_per_tok_by_layer == [1, 4]
+    assert model.config.mlp_kwargs["num_experts_per_tok_by_layer"] == [1, 4]
     with pytest.raises(ValueError, match="num_experts_per_tok"):
-        set_num_experts_per_tok(model, 5)
+        model.set_num_experts_per_tok(5)
+    with pytest.raises(ValueError, match="layer 7 does not exist"):
+        model.set_num_experts_per_tok(1, layers=[7])
 
 
-def test_top_p_model_reports_the_mean_active_experts_of_its_last_forward():
+def test_top_p_cost_counts_the_worst_case_or_the_mean_k_measured_on_a_sample():
     model = tiny_moe(moe_router="top_p", num_experts_per_tok=4, moe_top_p=0.5)
     worst = model.cost()
+    sample = torch.randint(0, 64, (2, 16))
     model(torch.randint(0, 64, (2, 16)))
-    means = [b.mlp.mean_experts_per_tok() for b in model.blocks]
+    assert model.cost() == worst  # a forward does not change the cost
+    # The oracle: count each token's experts from the routers themselves.
+    means = []
+    hidden = model.embed(sample)
+    cos, sin = model.rotary(torch.arange(16).expand(2, 16), hidden.dtype)
+    with torch.no_grad():
+        for block in model.blocks:
+            h = hidden + block.attn(block.attn_norm(hidden), cos, sin)
+            routing = block.mlp.router(block.mlp_norm(h).reshape(-1, h.shape[-1]))
+            means.append(float((routing.experts >= 0).sum(1).float().mean()))
+            hidden, _ = block(hidden, cos, sin)
     assert all(1 <= m <= 4 for m in means)
     expert = model.blocks[0].mlp.experts
     saved = sum(4 - m for m in means) * (expert.flops_per_token() + 2 * expert.d_model)
-    assert model.cost()["flops_per_token"] == pytest.approx(worst["flops_per_token"] - saved, abs=2)
-    set_top_p(model, 1.0)
-    assert model.config.moe_top_p == 1.0
-    model(torch.randint(0, 64, (2, 16)))
-    assert all(b.mlp.mean_experts_per_tok() == 4 for b in model.blocks)  # all mass needs every allowed expert
+    assert model.cost(sample=sample)["flops_per_token"] == pytest.approx(worst["flops_per_token"] - saved, abs=2)
+    model.set_top_p(1.0)
+    assert model.config.mlp_kwargs["router_kwargs"]["top_p"] == 1.0
+    assert model.cost(sample=sample) == worst  # all mass needs every allowed expert
 
 
 def test_aux_losses_are_summed_over_layers_and_train_the_router():
     model = tiny_moe().train()
-    out = model(torch.randint(0, 64, (2, 12)), labels=torch.randint(0, 64, (2, 12)))
-    per_layer = [b.mlp.last_aux_losses["moe_balance_loss"] for b in model.blocks]
+    x = torch.randint(0, 64, (2, 12))
+    out = model(x, labels=torch.randint(0, 64, (2, 12)))
+    hidden = model.embed(x)
+    cos, sin = model.rotary(torch.arange(12).expand(2, 12), hidden.dtype)
+    per_layer = []
+    for block in model.blocks:
+        hidden, report = block(hidden, cos, sin)
+        per_layer.append(report.aux_losses["moe_balance_loss"])
     torch.testing.assert_close(out.aux_losses["moe_balance_loss"], sum(per_layer))
     (out.loss + sum(out.aux_losses.values())).backward()
     assert all(b.mlp.router.proj.weight.grad.abs().sum() > 0 for b in model.blocks)
@@ -105,7 +137,8 @@ def test_aux_losses_are_summed_over_layers_and_train_the_router():
 def test_state_dict_round_trips_through_save_and_load(tmp_path, router):
     model = tiny_moe(moe_router=router, n_shared_experts=1, moe_granularity=2)
     model.train()
-    model(torch.randint(0, 64, (2, 16)))  # a training forward moves the sigmoid router's balance bias
+    out = model(torch.randint(0, 64, (2, 16)))
+    model.after_optimizer_step(out.step_stats, 1)  # the step hook moves the sigmoid router's balance bias
     model.eval()
     model.save_pretrained(tmp_path)
     loaded = load(str(tmp_path))
@@ -137,10 +170,27 @@ def test_kv_cache_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_collect_metrics_averages_the_load_statistics_over_layers():
+def test_load_metrics_are_averaged_over_layers_in_the_output():
     model = tiny_moe(num_experts_per_tok=2)
-    model(torch.randint(0, 64, (2, 16)))
-    metrics = collect_metrics(model)
-    assert metrics["moe_active_experts"] == pytest.approx(2.0) and metrics["moe_dropped_fraction"] == 0.0
-    per_layer = [float(b.mlp.last_metrics["moe_load_entropy"]) for b in model.blocks]
-    assert metrics["moe_load_entropy"] == pytest.approx(sum(per_layer) / 2)
+    x = torch.randint(0, 64, (2, 16))
+    out = model(x)
+    assert float(out.metrics["moe_active_experts"]) == pytest.approx(2.0)
+    assert float(out.metrics["moe_dropped_fraction"]) == 0.0
+    counts = [out.step_stats[f"blocks.{i}.mlp.tokens_per_expert"] for i in range(2)]
+    assert all(int(c.sum()) == 2 * 16 * 2 for c in counts)  # every token's two experts
+    loads = [c.float() / c.sum() for c in counts]
+    entropy = [float(-(p[p > 0] * p[p > 0].log()).sum() / torch.log(torch.tensor(4.0))) for p in loads]
+    assert float(out.metrics["moe_load_entropy"]) == pytest.approx(sum(entropy) / 2, rel=1e-4)
+
+
+def test_sigmoid_router_bias_moves_only_in_the_step_hook_and_towards_balance():
+    model = tiny_moe(moe_router="sigmoid_topk", moe_bias_update_rate=0.01).train()
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(3):  # forwards alone never move it (pure forward)
+        out = model(x)
+    assert all(float(b.mlp.router.bias.abs().sum()) == 0 for b in model.blocks)
+    model.after_optimizer_step(out.step_stats, 1)
+    for i, block in enumerate(model.blocks):
+        load = out.step_stats[f"blocks.{i}.mlp.tokens_per_expert"].float()
+        expected = 0.01 * torch.sign(load.mean() - load)
+        torch.testing.assert_close(block.mlp.router.bias, expected)

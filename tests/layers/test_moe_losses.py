@@ -54,21 +54,21 @@ def test_load_statistics():
 
 def test_layer_reports_weighted_losses_that_reach_the_router():
     torch.manual_seed(0)
-    layer = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=2, balance_loss_weight=0.5, z_loss_weight=0.25)
+    layer = MoEMLP(16, 32, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
     x = torch.randn(30, 16)
-    layer(x)
+    _, report = layer(x)
     routing = layer.router(x)
     counts = torch.bincount(routing.experts.flatten(), minlength=4)
-    losses = layer.last_aux_losses
+    losses = report.aux_losses
     assert set(losses) == {"moe_balance_loss", "moe_z_loss"}
     torch.testing.assert_close(losses["moe_balance_loss"], 0.5 * load_balancing_loss(routing.probs, counts))
     torch.testing.assert_close(losses["moe_z_loss"], 0.25 * router_z_loss(routing.logits))
     sum(losses.values()).backward()
     assert layer.router.proj.weight.grad.abs().sum() > 0
-    assert torch.equal(layer.last_tokens_per_expert, counts)
+    assert torch.equal(report.stats["tokens_per_expert"], counts)
 
 
 def test_zero_weights_report_no_loss():
-    layer = MoEMLP(16, 32, num_experts=4, balance_loss_weight=0.0, z_loss_weight=0.0)
-    layer(torch.randn(5, 16))
-    assert layer.last_aux_losses == {}
+    layer = MoEMLP(16, 32, num_experts=4, router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    _, report = layer(torch.randn(5, 16))
+    assert report.aux_losses == {}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from layers.moe import MoEMLP
-from models.lm import ZooLM, ZooLMConfig
+from models.lm import MOE_ALIASES, ZooLM, ZooLMConfig, move_moe_aliases
 from zoo.convert import register_converter
 
 
@@ -56,11 +56,12 @@ def moe_from_transformers(block: nn.Module) -> MoEMLP:
     shared_width = shared.down_proj.in_features if shared is not None else 0
     layer = MoEMLP(
         d_model, width, num_experts=num_experts, num_experts_per_tok=gate.top_k,
-        renormalize=getattr(gate, "norm_topk_prob", True),  # Mixtral's router always renormalises
-        jitter=getattr(block, "jitter_noise", 0.0),
-        shared_width=shared_width, shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
-        balance_loss_weight=getattr(config, "router_aux_loss_coef", 0.01),
-        z_loss_weight=getattr(config, "router_z_loss_coef", 0.0),
+        norm_topk_prob=getattr(gate, "norm_topk_prob", True),  # Mixtral's router always renormalises
+        router_jitter_noise=getattr(block, "jitter_noise", 0.0),
+        shared_expert_intermediate_size=shared_width,
+        shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
+        router_aux_loss_coef=getattr(config, "router_aux_loss_coef", 0.01),
+        router_z_loss_coef=getattr(config, "router_z_loss_coef", 0.0),
     ).to(device=gate.weight.device, dtype=gate.weight.dtype)
     with torch.no_grad():
         layer.router.proj.weight.copy_(gate.weight)
@@ -78,8 +79,9 @@ def moe_from_transformers(block: nn.Module) -> MoEMLP:
 
 
 # ---- dense zoo LM -> MoE zoo LM (sparse upcycling) ---------------------------------------------
-UPCYCLE_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "moe_capacity_factor",
-                  "moe_router", "moe_bias_update_rate")
+# MoE options the upcycling accepts (MoEOptions' names; the old top-level aliases work too).
+UPCYCLE_OPTIONS = ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "capacity_factor",
+                   "router", "router_kwargs")
 
 
 def _config_fields(config: ZooLMConfig) -> dict:
@@ -97,15 +99,17 @@ def upcycle_to_moe(model: ZooLM, num_experts: int = 8, num_experts_per_tok: int 
         raise ValueError(f"upcycling needs a dense SwiGLU LM; this model has mlp={c.mlp!r}")
     if c.linear != "dense" and c.linear_targets in ("mlp", "all"):
         raise ValueError(f"upcycling copies dense MLP weights into experts; this model's MLP uses linear={c.linear!r}")
-    unknown = sorted(set(fields) - set(UPCYCLE_FIELDS))
+    named = {k: v for k, v in fields.items() if k not in MOE_ALIASES}
+    aliases = {k: v for k, v in fields.items() if k in MOE_ALIASES}
+    options = move_moe_aliases({"mlp": "moe", "mlp_kwargs": named, **aliases})["mlp_kwargs"]
+    unknown = sorted(set(options) - set(UPCYCLE_OPTIONS))
     if unknown:
         raise ValueError(f"unknown moe conversion option(s) {unknown}; known: num_experts, num_experts_per_tok, "
-                         f"seed, {', '.join(UPCYCLE_FIELDS)}")
-    if fields.get("moe_router", "softmax_topk") == "top_p":
-        raise ValueError("moe_router='top_p' cannot reproduce the dense model (its k varies); use softmax_topk")
-    config = ZooLMConfig(**{**_config_fields(c), "mlp": "moe", "zoo_name": None, "num_local_experts": num_experts,
-                            "num_experts_per_tok": num_experts_per_tok, "num_experts_per_tok_by_layer": None,
-                            "moe_granularity": 1, "n_shared_experts": 0, "norm_topk_prob": True, **fields})
+                         f"seed, {', '.join(UPCYCLE_OPTIONS)}")
+    if options.get("router", "softmax_topk") == "top_p":
+        raise ValueError("router='top_p' cannot reproduce the dense model (its k varies); use softmax_topk")
+    mlp_kwargs = {**options, "num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok}
+    config = ZooLMConfig(**{**_config_fields(c), "mlp": "moe", "zoo_name": None, "mlp_kwargs": mlp_kwargs})
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the fresh routers

@@ -8,11 +8,12 @@ plus one shared expert of that width, with d_ff chosen so that the 9 active expe
 from zoo.catalog import register
 from zoo.entries.lm import LM_SMALL, LM_TINY
 
-COARSE = dict(mlp="moe", num_local_experts=8, num_experts_per_tok=2, moe_granularity=2)
-FINE = dict(mlp="moe", num_local_experts=64, num_experts_per_tok=8, moe_granularity=8, n_shared_experts=1)
+COARSE = dict(mlp="moe", mlp_kwargs=dict(num_experts=8, num_experts_per_tok=2, granularity=2))
+FINE = dict(mlp="moe", mlp_kwargs=dict(num_experts=64, num_experts_per_tok=8, granularity=8, n_shared_experts=1))
 # Top-p ("Harder Tasks Need More Experts"): p = 0.4, 1 to 4 experts, their entropy loss keeps k small.
-TOP_P = dict(mlp="moe", num_local_experts=8, num_experts_per_tok=4, moe_granularity=2, moe_router="top_p",
-             moe_top_p=0.4, moe_min_experts_per_tok=1, moe_entropy_loss_coef=1e-4)
+TOP_P = dict(mlp="moe", mlp_kwargs=dict(num_experts=8, num_experts_per_tok=4, granularity=2, router="top_p",
+                                        router_kwargs={"top_p": 0.4, "min_experts_per_tok": 1},
+                                        router_entropy_loss_coef=1e-4))
 FINE_D_FF = {"tiny": 640, "small": 1792}  # expert width 80 / 224; 9 active experts = 720 / 2016
 
 for size, base in (("tiny", LM_TINY), ("small", LM_SMALL)):

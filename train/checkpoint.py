@@ -5,12 +5,15 @@ A checkpoint is a folder ``run_dir/checkpoints/step-000123/`` holding ``model.sa
 ``manifest.json`` with the size and sha256 of every other file. It is built in a
 ``.tmp-step-000123-<pid>`` folder and renamed into place, so a crash never leaves a
 half-written folder under a final name; the manifest catches the rest (bit rot, truncation).
+A checkpoint that fails verification is renamed ``step-000123.corrupt`` (kept for inspection,
+ignored by the finder), so that a resumed run can save that step again.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,6 +37,7 @@ MANIFEST = "manifest.json"
 # Files a checkpoint cannot do without; optimizer.pt and scheduler.pt are optional.
 REQUIRED_FILES = ("model.safetensors", "rng.pt", "state.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+CORRUPT_SUFFIX = ".corrupt"  # step-000123.corrupt, step-000123.corrupt-1, ...: never matched by _STEP_DIR
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,10 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     exists = f"checkpoint {final} already exists; it is never overwritten"
     if final.exists():
-        raise FileExistsError(exists)
+        problem = _problem(final)
+        if problem is None:
+            raise FileExistsError(exists)
+        _set_aside(final, problem)  # a corrupt folder under this name must not stop the run
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an earlier failed attempt
     tmp.mkdir()
@@ -108,13 +115,33 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """Return the highest-step checkpoint folder that verifies, warning about each corrupt one skipped."""
+    """Return the highest-step checkpoint folder that verifies; each newer corrupt one is moved aside (warned)."""
     for path in _step_dirs(Path(run_dir) / "checkpoints"):
         problem = _problem(path)
         if problem is None:
             return path
-        _warn(f"skipping corrupt checkpoint {path}: {problem}")
+        _set_aside(path, problem)
     return None
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """Rename a corrupt checkpoint folder to a free ``<name>.corrupt[-N]``, warning with both names."""
+    for n in itertools.count():
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}" + (f"-{n}" if n else ""))
+        if target.exists():
+            continue
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:  # another process (a DDP rank) moved it first
+            _warn(f"skipping corrupt checkpoint {path}: {problem}; another process moved it aside")
+            return
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # the target name was taken meanwhile
+                continue
+            raise
+        _warn(f"skipping corrupt checkpoint {path}: {problem}; moved it to {target} so that the run can "
+              "save this step again (inspect or delete it)")
+        return
 
 
 def load_checkpoint(

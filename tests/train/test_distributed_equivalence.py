@@ -98,11 +98,12 @@ def test_grad_accumulation_equals_one_big_batch(case, tmp_path, request):
     assert_same_run(tmp_path / "whole", tmp_path / "accum")
 
 
-def test_the_state_that_the_step_hook_moves_did_move(tmp_path, request):
+def test_the_state_that_the_step_hook_moves_did_move(tmp_path):
     """Guards the tests above: in these runs the per-step state really changes (else they prove nothing)."""
-    Trainer(parse_args([*args_for("moe-tiny-sigmoid", None), "--steps", str(STEPS), "--out", str(tmp_path / "m")])).run()
+    steps = ["--steps", str(STEPS)]
+    Trainer(parse_args([*args_for("moe-tiny-sigmoid", None), *steps, "--out", str(tmp_path / "m")])).run()
     bias = final_tensors(tmp_path / "m")["blocks.0.mlp.router.bias"]
     assert bias.abs().sum() > 0
-    Trainer(parse_args([*args_for("lm-performer-tiny", None), "--steps", str(STEPS), "--out", str(tmp_path / "p")])).run()
+    Trainer(parse_args([*args_for("lm-performer-tiny", None), *steps, "--out", str(tmp_path / "p")])).run()
     calls = final_tensors(tmp_path / "p")["blocks.0.attn.kernel.features.training_calls"]
     assert int(calls) == STEPS  # one count per optimizer step, not per forward

@@ -235,12 +235,19 @@ class DecoderBlock(nn.Module):
         self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear, linear_kwargs=mlp_linear_kwargs,
                                     layer_idx=layer_idx, **c.mlp_kwargs)
 
-    def forward(self, x, cos, sin, cache=None, key_padding_mask=None) -> tuple[torch.Tensor, LayerReport | None]:
-        """x (batch, seq, d_model) -> the block's output and its MLP's report (None for kinds without one)."""
+    def forward(self, x, cos, sin, cache=None, key_padding_mask=None,
+                reports: list[LayerReport] | None = None) -> torch.Tensor:
+        """x (batch, seq, d_model) -> the block's output; its MLP's report (if it makes one) goes into `reports`.
+
+        The output stays a plain tensor, so hooks on a block (SAE harvesting, probes) see the residual stream.
+        """
         x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, key_padding_mask=key_padding_mask)
         out = self.mlp(self.mlp_norm(x))
-        out, report = out if isinstance(out, tuple) else (out, None)  # MLP kinds with losses/stats return both
-        return x + out, report
+        if isinstance(out, tuple):  # MLP kinds with losses / metrics / step statistics return both
+            out, report = out
+            if reports is not None:
+                reports.append(report)
+        return x + out
 
 
 @dataclass
@@ -326,8 +333,9 @@ class ZooLM(ZooPreTrainedModel, GenerationMixin):
         metrics: dict[str, list[torch.Tensor]] = {}
         stats: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
-            x, report = block(x, cos, sin, cache=cache, key_padding_mask=key_padding_mask)
-            if report is not None:
+            reports: list[LayerReport] = []
+            x = block(x, cos, sin, cache=cache, key_padding_mask=key_padding_mask, reports=reports)
+            for report in reports:
                 for name, value in report.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
                 for name, value in report.metrics.items():

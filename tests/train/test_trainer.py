@@ -184,8 +184,10 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch
 
     def poisoned(model, batch):
         calls["n"] += 1
-        ce, aux = real(model, batch)
-        return (ce * math.nan if calls["n"] > 6 else ce), aux
+        out = real(model, batch)
+        if calls["n"] > 6:
+            out.loss = out.loss * math.nan
+        return out
 
     monkeypatch.setattr(trainer_module, "lm_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 7.*step-000006"):

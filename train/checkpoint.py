@@ -11,6 +11,7 @@ ignored by the finder), so that a resumed run can save that step again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,12 @@ MANIFEST = "manifest.json"
 # Files a checkpoint cannot do without; optimizer.pt and scheduler.pt are optional.
 REQUIRED_FILES = ("model.safetensors", "rng.pt", "state.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMP_DIR = re.compile(r"^\.tmp-.+-(\d+)$")  # .tmp-step-000123-<pid>, .tmp-delete-..., .tmp-final-<pid>
 CORRUPT_SUFFIX = ".corrupt"  # step-000123.corrupt, step-000123.corrupt-1, ...: never matched by _STEP_DIR
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the message names the folder and why."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,6 @@ def save_checkpoint(
     if not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     exists = f"checkpoint {final} already exists; it is never overwritten"
     if final.exists():
@@ -77,29 +83,29 @@ def save_checkpoint(
         if problem is None:
             raise FileExistsError(exists)
         _set_aside(final, problem)  # a corrupt folder under this name must not stop the run
+    # What to write, gathered first: the RNG before anything else could draw from it.
+    contents: dict[str, Any] = {"rng.pt": _rng_state(), "model.safetensors": _unshared(model.state_dict())}
+    if optimizer is not None:
+        contents["optimizer.pt"] = optimizer.state_dict()
+    if scheduler is not None:
+        contents["scheduler.pt"] = scheduler.state_dict()
+    contents["state.json"] = {"zoo_format_version": FORMAT_VERSION, "step": step, "time": time.time(),
+                              "data_state": data_state, "config": config, "metrics": metrics}
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an earlier failed attempt
-    tmp.mkdir()
+    writing = str(root)
     try:
-        # RNG first, before anything else could draw from it.
-        torch.save(_rng_state(), tmp / "rng.pt")
-        save_file(_unshared(model.state_dict()), tmp / "model.safetensors")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {"zoo_format_version": FORMAT_VERSION, "step": step, "time": time.time(),
-                 "data_state": data_state, "config": config, "metrics": metrics}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        for path in tmp.iterdir():
-            _fsync(path)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an earlier failed attempt
+        tmp.mkdir()
+        for writing, obj in contents.items():
+            _write(tmp / writing, obj)
+        writing = MANIFEST
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {"zoo_format_version": FORMAT_VERSION, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync(tmp / MANIFEST)
+        _write(tmp / MANIFEST, {"zoo_format_version": FORMAT_VERSION, "files": files})
         _fsync(tmp)
         if final.exists():  # another writer got there while we were writing
             raise FileExistsError(exists)
+        writing = f"the rename to {final.name}"
         try:
             os.rename(tmp, final)  # atomic; fails on a non-empty existing folder
         except OSError as e:
@@ -107,6 +113,13 @@ def save_checkpoint(
                 raise FileExistsError(exists) from e
             raise
         _fsync(root)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk shows as any of these
+        error = _write_error(e, root, writing, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -115,13 +128,53 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """Return the highest-step checkpoint folder that verifies; each newer corrupt one is moved aside (warned)."""
+    """Return the highest-step checkpoint folder that verifies; each newer corrupt one is moved aside (warned).
+
+    Temp folders that crashed saves left behind are deleted first (`clean_stale_temp`).
+    """
+    clean_stale_temp(run_dir)
     for path in _step_dirs(Path(run_dir) / "checkpoints"):
         problem = _problem(path)
         if problem is None:
             return path
         _set_aside(path, problem)
     return None
+
+
+def clean_stale_temp(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp folders of saves whose process is gone, and return them.
+
+    A save builds its folder as ``.tmp-<name>-<pid>``, in ``run_dir/checkpoints`` (checkpoints, and
+    checkpoints being pruned) or in ``run_dir`` itself (the trainer's final checkpoint); one whose process
+    no longer runs was left by a crash (SIGKILL, full disk) and is never renamed into place.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for parent in (run_dir / "checkpoints", run_dir):
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.iterdir()):
+            match = _TEMP_DIR.match(path.name)
+            if match and path.is_dir() and not path.is_symlink() and not _is_running(int(match.group(1))):
+                shutil.rmtree(path, ignore_errors=True)
+                logger.warning("removed %s, left by an interrupted save (process %s is gone)", path, match.group(1))
+                removed.append(path)
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (this process counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def _set_aside(path: Path, problem: str) -> None:
@@ -281,6 +334,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         else:
             _warn(f"checkpoint holds {len(state['cuda'])} CUDA RNG states but this machine has "
                   f"{devices} CUDA devices; CUDA RNG not restored")
+
+
+def _write(path: Path, obj: Any) -> None:
+    """Write one checkpoint file (*.safetensors tensors, *.pt torch.save, *.json JSON) and fsync it."""
+    if path.suffix == ".safetensors":
+        save_file(obj, path)
+    elif path.suffix == ".pt":
+        with open(path, "wb") as f:  # a file object: a full disk then shows as the OSError it is
+            torch.save(obj, f)
+    else:
+        path.write_text(json.dumps(obj, indent=2))
+    _fsync(path)
+
+
+def _write_error(error: BaseException, root: Path, writing: str, step: int) -> CheckpointWriteError:
+    """The CheckpointWriteError for an error raised while writing a checkpoint: disk full or not, and where."""
+    codes = {errno.ENOSPC, errno.EDQUOT}
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    code = next((e.errno for e in chain if isinstance(e, OSError) and e.errno), None)
+    full = code in codes or any("No space left on device" in str(e) or "os error 28" in str(e) for e in chain)
+    if not full and not isinstance(error, OSError):  # torch's zip writer hides the cause: look at the disk
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(root).free < 1 << 20
+    why = "no space left on device" if full else f"{type(error).__name__}"
+    message = (f"could not save the checkpoint of step {step} in {root}: {why} (writing {writing}: {error}). "
+               f"Nothing was saved for step {step}; earlier checkpoints are untouched. "
+               + ("Free some space" if full else "Fix the cause")
+               + f", then continue with --resume {root.parent}")
+    result = CheckpointWriteError(message)
+    result.errno = errno.ENOSPC if full and code not in codes else code
+    return result
 
 
 def _sha256(path: Path) -> str:

@@ -9,11 +9,12 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
+from layers.registry import Registry
 from models.lm import ZooLM, ZooLMConfig
 from models.sae import SAE, SAEConfig
 
 # family -> (config class, model class). A checkpoint's config.json `model_type` picks the same pair.
-FAMILIES: dict[str, tuple[type, type]] = {"lm": (ZooLMConfig, ZooLM), "sae": (SAEConfig, SAE)}
+FAMILIES = Registry("model family", {"lm": (ZooLMConfig, ZooLM), "sae": (SAEConfig, SAE)})
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ CATALOG: dict[str, Entry] = {}
 
 def register(name: str, family: str, size: str, config: dict, description: str, *, replace: bool = False) -> Entry:
     """Add a named model to the catalog (ValueError on a duplicate name unless replace=True)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r} for {name!r}; known families: {sorted(FAMILIES)}")
+    FAMILIES.check(family, f"family of {name!r}")
     if size not in ("tiny", "small", "base"):
         raise ValueError(f"size {size!r} of {name!r} must be one of 'tiny', 'small', 'base'")
     if name in CATALOG and not replace:

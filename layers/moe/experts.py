@@ -103,7 +103,7 @@ class SwiGLUExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, width: int, impl: str = "auto"):
         super().__init__()
         if impl not in IMPLS:
-            raise ValueError(f"unknown experts impl {impl!r}; known: {IMPLS}")
+            raise ValueError(f"experts impl {impl!r} is invalid: one of {IMPLS}")
         self.num_experts, self.d_model, self.width = num_experts, d_model, width
         self.impl = impl
         self.w_gate = nn.Parameter(torch.empty(num_experts, width, d_model))

@@ -96,7 +96,7 @@ def test_register_refuses_a_duplicate_name():
 
 
 def test_register_refuses_an_unknown_family():
-    with pytest.raises(ValueError, match="unknown family") as info:
+    with pytest.raises(ValueError, match="unknown model family") as info:
         register("zz-test-nofamily", "no-such-family", "tiny", {}, "bad family")
     assert "'lm'" in str(info.value), "the error lists the known families"
     assert "zz-test-nofamily" not in CATALOG

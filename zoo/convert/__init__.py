@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-CONVERTERS: dict[str, Callable] = {}
+from layers.registry import Registry
+
+CONVERTERS = Registry("conversion")
 
 
 def register_converter(name: str) -> Callable:
     """Decorator: make `fn(model, **options) -> (model, report)` available as `zoo convert --to NAME`."""
-
-    def add(fn: Callable) -> Callable:
-        CONVERTERS[name] = fn
-        return fn
-
-    return add
+    return CONVERTERS.register(name)
 
 
 from zoo.convert import structured  # noqa: E402,F401

@@ -70,12 +70,22 @@ class LMTask:
         return lm_loss(model, batch)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, stats: dict, step: int) -> dict:
-        """The model's per-step updates (router balance bias, projection redraws) from the global statistics."""
-        return model.after_optimizer_step(stats, step)
+        """The model's per-step updates (router balance bias, projection redraws) from the global statistics,
+        and the global tokens per expert of each MoE layer (for metrics.jsonl)."""
+        record = dict(model.after_optimizer_step(stats, step) or {})
+        loads = [stats[k].tolist() for k in sorted(stats, key=_layer_order) if k.endswith(".tokens_per_expert")]
+        if loads:
+            record["moe_tokens_per_expert"] = loads
+        return record
 
     def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:
         """Validation loss and perplexity."""
         return evaluate_lm(model, self.data, self.cfg.batch_size, self.cfg.eval_batches, device, autocast)
+
+
+def _layer_order(key: str) -> tuple:
+    """Sort "blocks.10.mlp.x" after "blocks.9.mlp.x"."""
+    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
 
 
 @dataclass(frozen=True)

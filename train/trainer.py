@@ -275,10 +275,11 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}  # lists stay in the file
         if "step" in record and (record["step"] % self.cfg.log_every == 0 or "val_loss" in record):
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
         if self.wandb is not None and "step" in record:
-            self.wandb.log(record, step=record["step"])
+            self.wandb.log(scalars, step=record["step"])
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines of steps after `step` (written by the run that crashed before its next checkpoint)."""

@@ -224,3 +224,14 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
     Trainer(tiny_config(tmp_path, steps=3, wandb_project="zoo-test")).run()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_moe_load_statistics_reach_the_metrics_log(tmp_path):
+    cfg = parse_args(["moe-tiny", *TINY, "--set", "d_ff=64", "--steps", "2", "--eval-every", "100",
+                      "--out", str(tmp_path / "run")])
+    Trainer(cfg).run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if r.get("step") == 2)
+    assert 0 < step["moe_load_entropy"] <= 1 and step["moe_active_experts"] == pytest.approx(2.0)
+    loads = step["moe_tokens_per_expert"]  # per layer, over the whole global batch: 4 x 32 tokens, k = 2
+    assert len(loads) == 1 and len(loads[0]) == 8 and sum(loads[0]) == 4 * 32 * 2

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from layers.moe import collect_metrics
 from train.config import TrainConfig
 from train.data import load_token_data
 from train.evaluate import evaluate_lm
@@ -43,9 +42,10 @@ def train(name: str, out: Path, args) -> dict:
     trainer = Trainer(cfg)
     summary = trainer.run()
     model = trainer.model
+    moe_metrics = {k: v for k, v in summary.items() if k.startswith("moe_") and isinstance(v, float)}
     return {"val_loss": summary["val_loss"], "train_loss": summary["loss"], "tokens": summary["tokens"],
             "tokens_per_s": summary["tokens_per_s"], "seconds": time.perf_counter() - start,
-            "final": summary["final"], "cost": model.cost(args.seq_len), "moe_metrics": collect_metrics(model)}
+            "final": summary["final"], "cost": model.cost(args.seq_len), "moe_metrics": moe_metrics}
 
 
 def loss_vs_k(final: str, args) -> list[dict]:

@@ -70,7 +70,7 @@ def make_runner(name: str, block):
     layer.experts.impl = impl
 
     def run(x):
-        layer(x).sum().backward()
+        layer(x)[0].sum().backward()
     return layer, run
 
 
@@ -106,7 +106,7 @@ def time_sizes(size: tuple[int, int, int], rounds: int, impls: list[str]) -> dic
     if zoo_layer is not None:
         with torch.no_grad():
             block.experts.config._experts_implementation = "grouped_mm"
-            check["max_abs_diff_vs_transformers"] = (zoo_layer(x) - block(x)).abs().max().item()
+            check["max_abs_diff_vs_transformers"] = (zoo_layer(x)[0] - block(x)).abs().max().item()
     for module, run in runners.values():  # warm-up
         run(x)
         clear_grads(module, x)
@@ -124,7 +124,8 @@ def time_sizes(size: tuple[int, int, int], rounds: int, impls: list[str]) -> dic
     result = {"times": times, "matmul_flops": peaks, **check}
     if zoo_layer is not None:
         result["fwd_flops_per_token"] = zoo_layer.flops_per_token()
-        result["dropped_fraction"] = float(zoo_layer.last_metrics["moe_dropped_fraction"])
+        with torch.no_grad():
+            result["dropped_fraction"] = float(zoo_layer(x)[1].metrics["moe_dropped_fraction"])
         result["zoo_auto_path"] = zoo_layer.experts.last_impl
     return result
 

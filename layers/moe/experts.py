@@ -129,20 +129,30 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 capacity: int | None = None) -> tuple[torch.Tensor, DispatchPlan | None]:
-        """x (T, d), weights / experts (T, K) (-1: unused) -> ((T, d) output, plan; None on megablocks)."""
-        layout = kernels.moe_experts_layout(x, self.impl, self.d_model, self.width, capacity)
-        if layout == "megablocks":
-            from layers.moe.megablocks_backend import megablocks_experts
+        """x (T, d), weights / experts (T, K) (-1: unused) -> ((T, d) output, plan; None on megablocks).
 
-            self.last_impl = layout
-            return megablocks_experts(x, weights, experts, self.w_gate, self.w_up, self.w_down), None
-        plan = make_plan(experts, self.num_experts, layout=layout, capacity=capacity)
-        self.last_impl = plan.layout
-        if plan.num_rows == 0:
-            return x.new_zeros(x.shape) + 0 * weights.sum(), plan  # nothing routed: keep the graph connected
-        rows = dispatch(x, plan)  # (R, d)
-        rows = _SwiGLUExpertsFn.apply(rows, self.w_gate, self.w_up, self.w_down, plan)
-        return combine(rows, weights, plan), plan
+        Under autocast the experts run in the autocast dtype: inputs and weights are cast once here (the casts
+        are differentiable, so fp32 master weights get fp32 gradients) and the hand-written autograd
+        functions below see one dtype in forward and backward.
+        """
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x = x.to(dtype)
+            w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+            layout = kernels.moe_experts_layout(x, self.impl, self.d_model, self.width, capacity)
+            if layout == "megablocks":
+                from layers.moe.megablocks_backend import megablocks_experts
+
+                self.last_impl = layout
+                return megablocks_experts(x, weights.to(dtype), experts, w_gate, w_up, w_down), None
+            plan = make_plan(experts, self.num_experts, layout=layout, capacity=capacity)
+            self.last_impl = plan.layout
+            if plan.num_rows == 0:
+                return x.new_zeros(x.shape) + 0 * weights.sum(), plan  # nothing routed: keep the graph connected
+            rows = dispatch(x, plan)  # (R, d)
+            rows = _SwiGLUExpertsFn.apply(rows, w_gate, w_up, w_down, plan)
+            return combine(rows, weights, plan), plan
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, width={self.width}, impl={self.impl!r}"

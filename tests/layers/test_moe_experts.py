@@ -211,3 +211,22 @@ def test_cuda_grouped_mm_path_matches_the_padded_path():
 @pytest.mark.parametrize("unused", [0.0, 0.3])
 def test_megablocks_path_matches_the_pytorch_path(unused):
     _compare_on_cuda("auto", unused)  # "auto" takes megablocks on CUDA bf16 when it is installed
+
+
+def test_experts_train_under_bf16_autocast_as_the_trainer_runs_them_on_gpus():
+    """Autocast (fp32 weights, bf16 compute) reaches the hand-written backward in one dtype: fp32 weight
+    gradients close to the fp32 computation (it failed with a dtype error before)."""
+    torch.manual_seed(0)
+    moe = MoEMLP(32, 64, num_experts=4, num_experts_per_tok=2)
+    moe.experts.init_weights_(0.1)
+    x = torch.randn(24, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = moe(x)
+    out.float().square().sum().backward()
+    low = [p.grad.clone() for p in (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down)]
+    moe.zero_grad()
+    out32, _ = moe(x)
+    out32.square().sum().backward()
+    for got, param in zip(low, (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down), strict=True):
+        assert got.dtype == torch.float32
+        assert float((got - param.grad).norm() / param.grad.norm()) < 0.03

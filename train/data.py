@@ -4,11 +4,14 @@ fixed-length blocks and serve batches whose order is a pure function of (seed, s
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,11 @@ BUILDERS = {".txt": "text", ".txt.gz": "text", ".jsonl": "json", ".jsonl.gz": "j
             ".json": "json", ".json.gz": "json", ".parquet": "parquet"}
 _HUB_NAME = re.compile(r"^\w[\w.-]*/\w[\w.-]*(:[\w.-]+)?$")  # "org/name" or "org/name:config"
 _PROGRESS_MIN_BYTES = 5_000_000  # show a progress bar only for inputs at least this large
+TEXT_DTYPES = ("string", "large_string", "null")  # `datasets` dtypes of a text column (null: every row empty)
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as text documents; the message names the file, the line and the field."""
 
 
 def default_cache_dir() -> Path:
@@ -105,15 +113,147 @@ def _load_datasets(source: str | list[str], text_column: str, hf_cache: Path) ->
         groups: dict[str, list[str]] = {}
         for f in source:
             groups.setdefault(_builder(f), []).append(f)
-        # a .txt file is one document; json/parquet rows are documents
-        parts = [datasets.load_dataset(b, data_files=fs, cache_dir=str(hf_cache),
-                                       **({"sample_by": "document"} if b == "text" else {}))["train"]
-                 for b, fs in groups.items()]
+        parts = [_load_files(datasets, b, fs, text_column, hf_cache) for b, fs in groups.items()]
     for part in parts:
         if text_column not in part.column_names:
             raise ValueError(f"no text column {text_column!r} in {source!r}; "
                              f"its columns are {part.column_names}")
+        if getattr(part.features[text_column], "dtype", None) not in TEXT_DTYPES:
+            raise DataFileError(f"{source!r}: column {text_column!r} holds {part.features[text_column]}, not text")
     return [part.select_columns([text_column]) for part in parts]
+
+
+def _load_files(datasets: Any, builder: str, files: list[str], text_column: str, hf_cache: Path) -> Any:
+    """The local files of one builder as one `datasets.Dataset`; a file it cannot read is a DataFileError."""
+    # datasets casts a record's number or object to the first file's string column: check the types first
+    # (a Parquet file's footer only). A text file's bytes are checked only if datasets fails to decode them.
+    if builder != "text" and (problem := find_problem(files, builder, text_column)):
+        raise problem
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)  # its error log would repeat, less precisely, what we raise
+    try:  # a .txt file is one document; json/parquet rows are documents
+        part = datasets.load_dataset(builder, data_files=files, cache_dir=str(hf_cache),
+                                     **({"sample_by": "document"} if builder == "text" else {}))["train"]
+    except Exception as e:  # datasets wraps the reader's error: find the file and line ourselves
+        raise find_problem(files, builder, text_column) or DataFileError(
+            f"cannot read {', '.join(files)}: {_root_cause(e)}") from e
+    finally:
+        datasets_log.setLevel(level)
+    feature = part.features.get(text_column)
+    if feature is not None and getattr(feature, "dtype", None) not in TEXT_DTYPES:
+        raise find_problem(files, builder, text_column) or DataFileError(
+            f"{', '.join(files)}: column {text_column!r} holds {feature}, not text")
+    return part
+
+
+# ---- finding what is wrong in a data file -----------------------------------------------------------------
+
+def find_problem(files: Sequence[str], builder: str, text_column: str = "text") -> DataFileError | None:
+    """The first problem in these data files as a DataFileError naming the file, line and field; None if none."""
+    check = {"text": _text_problem, "json": _json_problem, "parquet": _parquet_problem}[builder]
+    for file in files:
+        try:
+            problem = check(file, text_column)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            kind = "gzip" if file.endswith(".gz") else "data"
+            problem = f": not a readable {kind} file ({type(e).__name__}: {e})"
+        if problem:
+            return DataFileError(f"{file}{problem}")
+    return None
+
+
+def _open_binary(file: str):
+    return gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb")
+
+
+def _text_problem(file: str, text_column: str) -> str | None:
+    """Where a text file stops being UTF-8: ":LINE: ..."; None when it is all UTF-8."""
+    line, offset, pending = 1, 0, b""
+    with _open_binary(file) as f:
+        while True:
+            chunk = f.read(1 << 20)
+            data = pending + chunk
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+                good, pending = data, b""
+            except UnicodeDecodeError as e:
+                if chunk and e.end == len(data) and e.reason == "unexpected end of data":
+                    good, pending = data[:e.start], data[e.start:]  # a character split by the chunk boundary
+                else:
+                    where = line + data[:e.start].count(b"\n")
+                    return (f":{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {offset + e.start}); "
+                            "is it a binary file?")
+            line += good.count(b"\n")
+            offset += len(good)
+
+
+def _json_problem(file: str, text_column: str) -> str | None:
+    """The first bad line (JSON Lines) or item (a JSON array) of a JSON file: ":LINE: ..." or ": item N: ..."."""
+    with _open_binary(file) as f:
+        array = not file.endswith((".jsonl", ".jsonl.gz")) and f.read(1 << 16).lstrip().startswith(b"[")
+    if array:  # read whole, as datasets does
+        with _open_binary(file) as f:
+            data = f.read()
+        try:
+            records = json.loads(data)
+        except json.JSONDecodeError as e:
+            return f":{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        except UnicodeDecodeError as e:
+            return f": not UTF-8 text ({e})"
+        for i, record in enumerate(records, 1):
+            if problem := _record_problem(record, text_column):
+                return f": item {i}: {problem}"
+        return None
+    with _open_binary(file) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.rstrip(b"\r\n"))
+            except json.JSONDecodeError as e:
+                return f":{n}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+            except UnicodeDecodeError as e:
+                return f":{n}: not UTF-8 text ({e})"
+            if problem := _record_problem(record, text_column):
+                return f":{n}: {problem}"
+    return None
+
+
+def _record_problem(record: Any, text_column: str) -> str | None:
+    """What is wrong with one JSON record (an object whose text field is a string or absent), or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object with a {text_column!r} field, got {type(record).__name__}"
+    value = record.get(text_column)
+    if value is None or isinstance(value, str):
+        return None
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"field {text_column!r} is {shown} ({type(value).__name__}); it must be a string"
+
+
+def _parquet_problem(file: str, text_column: str) -> str | None:
+    """Why a Parquet file cannot be read, or its text column is not text; None when neither."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowException, ValueError) as e:
+        return f": not a readable Parquet file ({e})"
+    if text_column in schema.names:
+        kind = schema.field(text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            return f": column {text_column!r} holds {kind} values, not text"
+    return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of a wrapped error, as "Type: message"."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
 
 
 def _tokenize(parts: list[Any], text_column: str, tokenizer: Any, dtype: np.dtype) -> np.ndarray:

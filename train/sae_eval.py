@@ -128,15 +128,10 @@ def ce_metrics(lm: nn.Module, sae: nn.Module, hook_point: str, token_batches: It
 
 
 def default_budgets(sae: nn.Module) -> list[dict]:
-    """Where to evaluate an SAE: every power of two in [k_min, k] and k (HierarchicalTopK), every prefix
-    (Matryoshka), else its own budget."""
-    c = _unwrap(sae).config
-    if c.kind == "hierarchical_topk":
-        ks = sorted({2**i for i in range(c.k.bit_length()) if c.k_min <= 2**i <= c.k} | {c.k})
-        return [{"k": k} for k in ks]
-    if c.kind == "matryoshka":
-        return [{"width": w} for w in c.matryoshka_widths]
-    return [{}]
+    """Where to evaluate an SAE: its kind's `eval_budgets` (HierarchicalTopK: every power of two in [k_min, k]
+    and k; Matryoshka: every prefix; the others: their own budget)."""
+    sae = _unwrap(sae)
+    return sae.kind.eval_budgets(sae.config)
 
 
 def plot_fvu_vs_l0(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "") -> Path:

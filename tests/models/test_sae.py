@@ -1,4 +1,5 @@
-"""The SAE family: sparsity of each kind, losses on hand-computed cases, unit-norm decoder, save/load."""
+"""The SAE family: sparsity of each kind, losses on hand-computed cases, unit-norm decoder, the pure forward and
+its step hook, save/load."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from train.trainer import param_groups
 from zoo import load
 
 D_IN, D_SAE = 16, 64
+ALL_KINDS = ["relu", "topk", "batchtopk", "hierarchical_topk", "matryoshka"]
 
 
 def make(kind: str = "topk", **fields) -> SAE:
@@ -20,6 +22,13 @@ def make(kind: str = "topk", **fields) -> SAE:
 
 def data(rows: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(rows, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+def trained_step(sae: SAE, x: torch.Tensor, step: int = 1):
+    """A training forward on x, then the step hook with its statistics (one process, one micro-batch)."""
+    out = sae(x)
+    sae.after_optimizer_step(out.step_stats, step)
+    return out
 
 
 def test_topk_keeps_exactly_k_nonzeros_per_row():
@@ -48,10 +57,13 @@ def test_batchtopk_keeps_k_times_batch_per_batch_and_a_threshold_at_inference():
         sae.b_enc.fill_(10.0)
     x = data(rows=32)
     out = sae(x)
-    assert float(out.l0) * 32 == 4 * 32, "k * batch latents active over the batch"
+    assert float(out.metrics["l0"]) * 32 == 4 * 32, "k * batch latents active over the batch"
     per_row = sae.encode(x)  # training mode: BatchTopK over these rows
     counts = (per_row != 0).sum(-1)
     assert counts.sum() == 4 * 32 and counts.min() != counts.max(), "rows share the budget unevenly"
+    assert (sae.threshold == 0).all(), "the forward leaves the threshold to the step hook"
+    assert float(out.step_stats["threshold_min"]) == float(per_row[per_row > 0].min().detach())
+    sae.after_optimizer_step(out.step_stats, 1)
     assert (sae.threshold > 0).all(), "training estimated the inference threshold"
     sae.eval()
     pre = sae.pre_activations(x)
@@ -126,8 +138,8 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     out = sae(x)
     z = sae.encode(x)
     expected = 0.5 * (z * sae.W_dec.norm(dim=1)).sum(-1).mean()
-    assert float(out.aux_losses["l1"]) == pytest.approx(float(expected), rel=1e-5)
-    assert out.loss.item() == pytest.approx(float(((x - sae.decode(z)) ** 2).sum(-1).mean()), rel=1e-5)
+    assert float(out.aux_losses["l1"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert out.loss.item() == pytest.approx(float(((x - sae.decode(z)) ** 2).sum(-1).mean().detach()), rel=1e-5)
 
 
 def test_encoder_starts_as_the_decoder_transpose_with_unit_rows():
@@ -150,20 +162,49 @@ def test_decoder_rows_stay_unit_norm_through_adamw_steps(kind):
         opt.step()
         opt.zero_grad()
         torch.testing.assert_close(sae.decoder_weight().norm(dim=1), torch.ones(D_SAE))
-    sae(data(seed=99))  # the next training forward renormalises the stored rows the optimizer moved
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+        assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-6, "AdamW moved the stored rows off the sphere"
+        sae.after_optimizer_step(out.step_stats, step + 1)  # the step hook renormalises the stored rows
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
     assert (sae.W_dec - start).abs().max() > 1e-3, "the decoder did train"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_a_training_forward_changes_no_module_state(kind):
+    sae = make(kind, dead_tokens=8).train()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])  # stored rows off the sphere, as after AdamW
+    trained_step(sae, data(seed=2))  # some latents dead, a threshold for the BatchTopK kinds
+    before = {name: t.clone() for name, t in sae.state_dict().items()}
+    for _ in range(2):
+        out = sae(data(seed=3))
+        (out.loss + sum(out.aux_losses.values())).backward()
+    for name, t in sae.state_dict().items():
+        assert torch.equal(t, before[name]), f"{kind}: the forward changed {name}"
+    assert all(not v.requires_grad for v in {**out.metrics, **out.step_stats}.values())
+
+
+def test_the_threshold_follows_an_ema_of_the_smallest_kept_value_once_per_step():
+    sae = make("batchtopk", threshold_momentum=0.25).train()
+    first = trained_step(sae, data(seed=1), 1).step_stats["threshold_min"]
+    torch.testing.assert_close(sae.threshold, first.expand(D_SAE))
+    second = trained_step(sae, data(seed=2), 2).step_stats["threshold_min"]
+    torch.testing.assert_close(sae.threshold, (0.75 * first + 0.25 * second).expand(D_SAE))
+    sae.after_optimizer_step({"threshold_min": torch.tensor(float("inf"))}, 3)  # nothing positive was kept
+    torch.testing.assert_close(sae.threshold, (0.75 * first + 0.25 * second).expand(D_SAE))
 
 
 def test_dead_latents_are_counted_in_tokens_and_feed_auxk():
     sae = make("topk", k=2, dead_tokens=64, auxk_coeff=1.0).train()
     x = data(rows=32)
     out = sae(x)
-    fired = out.fire_counts > 0
+    assert (sae.tokens_since_fired == 0).all(), "the forward counts nothing itself"
+    sae.after_optimizer_step(out.step_stats, 1)
+    fired = out.step_stats["fire_counts"] > 0
+    assert int(out.step_stats["rows"]) == 32
     assert (sae.tokens_since_fired[fired] == 0).all() and (sae.tokens_since_fired[~fired] == 32).all()
     assert out.aux_losses["auxk"].item() == 0.0, "nothing has been silent for 64 tokens yet"
-    sae(x)
-    out = sae(x)  # the never-firing latents now have 96 silent tokens: dead
+    trained_step(sae, x, 2)
+    out = sae(x)  # the never-firing latents have 64 silent tokens: dead
     assert sae.dead_fraction() > 0
     assert out.aux_losses["auxk"].item() > 0
     out.aux_losses["auxk"].backward()
@@ -185,7 +226,8 @@ def test_save_and_load_keep_weights_buffers_and_work_with_automodel(tmp_path):
     from transformers import AutoModel
 
     sae = make("batchtopk", act_scale=2.0).train()
-    sae(data())
+    trained_step(sae, data())
+    assert (sae.threshold > 0).all() and (sae.tokens_since_fired > 0).any()
     sae.save_pretrained(tmp_path)
     for loaded in (load(str(tmp_path)), AutoModel.from_pretrained(tmp_path)):
         assert isinstance(loaded, SAE)
@@ -219,14 +261,31 @@ def test_cost_counts_the_dense_encoder_and_k_decoder_rows():
 
 
 @pytest.mark.parametrize("fields, name", [
-    ({"kind": "gated"}, "kind"), ({"k": 99}, "k"), ({"k_min": 9, "k": 8}, "k_min"),
+    ({"kind": "gated"}, "kind.*gated.*known.*batchtopk"), ({"k": 99}, "k"),
+    ({"kind": "hierarchical_topk", "k_min": 9, "k": 8}, "k_min"),
     ({"kind": "matryoshka", "matryoshka_widths": [8, 32]}, "matryoshka_widths"),
     ({"kind": "matryoshka", "matryoshka_widths": [32, 8, 64]}, "matryoshka_widths"),
-    ({"act_scale": -1.0}, "act_scale"), ({"hier_loss": "sum"}, "hier_loss.*log_area.*mean"),
+    ({"kind": "matryoshka", "matryoshka_widths": [64], "threshold_momentum": 0.0}, "threshold_momentum"),
+    ({"kind": "batchtopk", "threshold_momentum": 1.5}, "threshold_momentum"),
+    ({"kind": "relu", "l1_coeff": -0.1}, "l1_coeff"), ({"k_min": 0}, "k_min"),
+    ({"act_scale": -1.0}, "act_scale"),
+    ({"kind": "hierarchical_topk", "hier_loss": "sum"}, "hier_loss.*log_area.*mean"),
     ({"resample_every": -1}, "resample_every"), ({"resample_every": True}, "resample_every")])
 def test_bad_config_is_a_value_error_naming_the_field(fields, name):
     with pytest.raises(ValueError, match=name):
         load("sae-topk-tiny", **{"d_sae": 64, **fields})
+
+
+def test_a_kind_checks_only_the_fields_it_reads():
+    # hier_loss and k_min belong to hierarchical_topk, matryoshka_widths to matryoshka, l1_coeff to relu
+    sae = load("sae-topk-tiny", d_sae=64, k=8, hier_loss="sum", k_min=9, matryoshka_widths=[3], l1_coeff=-1.0)
+    assert sae.config.kind == "topk"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_the_normalize_decoder_default_is_the_kinds(kind):
+    assert make(kind).config.normalize_decoder == (kind != "relu")
+    assert make(kind, normalize_decoder=kind == "relu").config.normalize_decoder == (kind == "relu")
 
 
 @pytest.mark.parametrize("name", ["sae-relu-tiny", "sae-topk-tiny", "sae-batchtopk-tiny", "sae-hier-topk-tiny",
@@ -246,7 +305,7 @@ def test_resampling_points_dead_latents_at_badly_reconstructed_inputs_and_zeroes
     out = sae(x)
     out.loss.backward()
     optimizer.step()
-    fired = (out.fire_counts > 0).nonzero().squeeze(1)
+    fired = (out.step_stats["fire_counts"] > 0).nonzero().squeeze(1)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[fired[:2]] = True  # latents that trained this step, so their moments are not zero yet
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
@@ -305,13 +364,13 @@ def test_bad_inputs_and_budgets_are_value_errors_that_say_what_was_expected(kind
             sae.reconstruct(data(), k=k)
 
 
-@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk", "hierarchical_topk", "matryoshka"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_every_kind_resamples_its_dead_latents_towards_the_worst_input_and_keeps_its_mode(kind, monkeypatch):
     import models.sae as sae_module
 
     monkeypatch.setattr(sae_module, "RESAMPLE_CHUNK_ROWS", 5)  # the errors are measured in several chunks
     sae = make(kind).train()
-    sae(data())  # a training step's bookkeeping (threshold, counts)
+    trained_step(sae, data())  # a training step's bookkeeping (threshold, counts)
     x = data(rows=32) * 0.01
     x[20] = torch.randn(D_IN, generator=torch.Generator().manual_seed(5)) * 100
     dead = torch.zeros(D_SAE, dtype=torch.bool)

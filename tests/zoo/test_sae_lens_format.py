@@ -13,7 +13,7 @@ KINDS = ["relu", "topk", "batchtopk", "hierarchical_topk", "matryoshka"]
 
 
 def trained(kind: str) -> SAE:
-    """An SAE of `kind` after two training forwards (BatchTopK kinds then have a threshold), in eval mode."""
+    """An SAE of `kind` after two training steps (BatchTopK kinds then have a threshold), in eval mode."""
     torch.manual_seed(0)
     extra = {"matryoshka_widths": [16, D_SAE]} if kind == "matryoshka" else {}
     sae = SAE(SAEConfig(kind=kind, d_in=D, d_sae=D_SAE, k=4, act_scale=0.25, hook_point="blocks.1",
@@ -22,8 +22,8 @@ def trained(kind: str) -> SAE:
         sae.b_dec.normal_()
         if kind == "relu":
             sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])
-    for _ in range(2):
-        sae(torch.randn(64, D) * 4)
+    for step in range(2):
+        sae.after_optimizer_step(sae(torch.randn(64, D) * 4).step_stats, step + 1)
     return sae.eval()
 
 
@@ -89,3 +89,20 @@ def test_a_saelens_trained_topk_sae_imports_with_the_same_outputs(sae_lens, tmp_
     with torch.no_grad():
         torch.testing.assert_close(ours.decode(ours.encode(x())), theirs.decode(theirs.encode(x())),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_a_batchtopk_sae_without_a_learned_threshold(tmp_path):
+    untrained = SAE(SAEConfig(kind="batchtopk", d_in=D, d_sae=D_SAE, k=4))
+    with pytest.raises(ValueError, match="no inference threshold"):
+        export_sae_lens(untrained, tmp_path)
+
+
+def test_import_restores_the_whole_zoo_config(tmp_path):
+    sae = SAE(SAEConfig(kind="hierarchical_topk", d_in=D, d_sae=D_SAE, k=8, k_min=2, hier_loss="mean",
+                        resample_every=7, dead_tokens=123))
+    export_sae_lens(sae, tmp_path, k=4)
+    back = import_sae_lens(tmp_path).config
+    assert (back.k, back.k_min, back.hier_loss, back.resample_every, back.dead_tokens) == (8, 2, "mean", 7, 123)
+    sae = SAE(SAEConfig(kind="topk", d_in=D, d_sae=D_SAE, k=8))
+    export_sae_lens(sae, tmp_path, k=4)
+    assert import_sae_lens(tmp_path).config.k == 4, "a plain TopK SAE takes the budget it was exported at"

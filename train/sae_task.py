@@ -19,6 +19,7 @@ from train.activations import ActivationStore, cached_harvest, load_source_lm
 from train.config import TrainConfig
 from train.data import load_token_data
 from train.sae_eval import ce_metrics, reconstruction_metrics
+from train.tasks import StepLoss
 
 HARVEST_BATCH = 16  # sequences per LM forward while harvesting
 CE_EVAL_BATCHES = 2  # validation batches of sequences for the loss-recovered metrics during training
@@ -67,6 +68,35 @@ class SAEData:
         return list(itertools.islice(batches, max_batches) if max_batches else batches)
 
 
+@torch.no_grad()
+def global_batch_threshold(model: nn.Module, step_batch: torch.Tensor, micro_rows: int) -> torch.Tensor | None:
+    """The training-selection threshold of this step's global batch, or None where none is needed.
+
+    A kind that keeps the n = k * global_rows largest pre-activations of the batch (BatchTopK, Matryoshka)
+    would keep other entries if it selected in each micro-batch or on each rank alone. The threshold is the
+    n-th largest pre-activation of the global batch: this rank ranks its step_batch (rows, d_in) in the
+    micro-batches of `micro_rows` rows the trainer makes of it (the same matmul shapes as the micro-batch
+    forwards, so the same floats) and keeps its n largest; under DDP the ranks gather theirs (every rank
+    holds as many rows). Every micro-batch then keeps pre >= threshold: ties at it are all kept, on every
+    rank alike. None, and the forward ranks its own rows (the same thing), for one process without
+    micro-batches or a kind that selects per row. `model` may be a DDP wrapper: it is only called.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    global_rows = step_batch.numel() // step_batch.shape[-1] * world
+    n = getattr(model, "module", model).batch_selection_size(global_rows)
+    if n is None or (world == 1 and micro_rows == len(step_batch)):
+        return None
+    candidates = torch.cat([model(chunk, top_values=n).top_values for chunk in step_batch.split(micro_rows)])
+    candidates = candidates.topk(min(n, candidates.numel()), sorted=False).values  # this rank's n largest
+    if world > 1:  # every rank sends n values (padded with -inf) and ranks the same n * world
+        padded = candidates.new_full((n,), float("-inf"))
+        padded[:candidates.numel()] = candidates
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        candidates = torch.cat(gathered).topk(n, sorted=False).values
+    return candidates.min()
+
+
 class SAETask:
     """Reconstruction of harvested LM activations: batches of batch_size * seq_len activation vectors."""
 
@@ -78,6 +108,7 @@ class SAETask:
         self.sae_data = SAEData(c.source_model, c.hook_point, cfg.data, cfg.seq_len, cfg.val_fraction,
                                 seed=cfg.seed, device=cfg.device)
         self.items_per_step = cfg.batch_size * cfg.seq_len
+        self._threshold_cache: tuple | None = None  # (step_batch, weight versions, threshold): _step_threshold
         self.train = self.sae_data.train_store(cfg.steps * self.items_per_step)
         val_rows = cfg.eval_batches * cfg.batch_size * cfg.seq_len
         self.val = self.sae_data.val_store(val_rows)
@@ -100,34 +131,49 @@ class SAETask:
         """This rank's rows of global batch `step`: (batch_size * seq_len / world, d_in) float32 activations."""
         return self.train.batch(step, self.items_per_step, seed=self.cfg.seed, rank=rank, world=world)
 
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The reconstruction loss of one (micro-)batch and the SAE's weighted auxiliary losses."""
-        out = model(batch)
-        return out.loss, dict(out.aux_losses or {})
+    def loss(self, model: nn.Module, micro_batch: torch.Tensor, step_batch: torch.Tensor | None = None) -> StepLoss:
+        """The reconstruction loss of one micro-batch, the SAE's weighted aux losses, its L0 and step statistics.
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
-        """After optimizer step `step` (1-based): every resample_every steps, resample the dead latents.
+        A kind that selects over the batch (BatchTopK, Matryoshka) selects over the whole global batch of the
+        step (`step_batch` on every rank; default: the micro-batch is the step): see global_batch_threshold.
+        """
+        step_batch = micro_batch if step_batch is None else step_batch
+        out = model(micro_batch, batch_threshold=self._step_threshold(model, step_batch, len(micro_batch)))
+        return StepLoss(out.loss, dict(out.aux_losses or {}), dict(out.metrics or {}), dict(out.step_stats or {}))
+
+    def _step_threshold(self, model: nn.Module, step_batch: torch.Tensor, micro_rows: int) -> torch.Tensor | None:
+        """global_batch_threshold, once per step: cached for the step_batch tensor and the weights' versions."""
+        sae = getattr(model, "module", model)
+        versions = tuple(p._version for p in (sae.W_enc, sae.b_enc, sae.b_dec))
+        cached = self._threshold_cache
+        if cached is not None and cached[0] is step_batch and cached[1] == versions:
+            return cached[2]
+        threshold = global_batch_threshold(model, step_batch, micro_rows)
+        self._threshold_cache = (step_batch, versions, threshold)
+        return threshold
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, stats: dict, step: int) -> dict:
+        """After optimizer step `step` (1-based): the SAE's per-step update from the global `stats` (decoder
+        renormalisation, dead-latent counts, threshold), then, every resample_every steps, resampling.
 
         Not in the last resample_every steps of the run: a resampled latent fires on about half of the
-        inputs until training makes it selective, so it needs those steps. The rows come from the whole
-        global batch of that step and the draw from (seed, step), and a latent counts as dead only if it
-        is dead on every rank, so all ranks make the same change.
+        inputs until training makes it selective, so it needs those steps. The dead-latent counts come from
+        the global statistics, so they are the same on every rank; the rows come from the whole global
+        batch of that step and the draw from (seed, step), and rank 0's new rows are broadcast, so all
+        ranks make the same change.
         """
+        metrics = model.after_optimizer_step(stats, step)
         every = model.config.resample_every
         if not every or step % every or step > self.cfg.steps - every:
-            return {}
+            return metrics
         dead = model.tokens_since_fired >= model.config.dead_tokens
-        if dist.is_available() and dist.is_initialized():
-            votes = dead.int()
-            dist.all_reduce(votes, op=dist.ReduceOp.MIN)
-            dead = votes.bool()
         x = self.train.batch(step - 1, self.items_per_step, seed=self.cfg.seed).to(model.W_dec.device)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         resampled = model.resample_dead(x, optimizer, generator, dead)
         if resampled and dist.is_available() and dist.is_initialized():
             for param in (model.W_enc, model.b_enc, model.W_dec):  # rank 0's draw, bit for bit, on every rank
                 dist.broadcast(param.data, src=0)
-        return {"resampled": resampled}
+        return {**metrics, "resampled": resampled}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:

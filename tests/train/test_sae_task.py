@@ -129,3 +129,34 @@ def test_resampling_refuses_fsdp_with_a_clear_error(source_lm, tmp_path):
     args = ["--set", "resample_every=3", "--fsdp", "--steps", "2"]
     with pytest.raises(ValueError, match="resample_every.*--fsdp"):
         Trainer(parse_args(sae_args(source_lm, tmp_path / "run", "sae-topk-tiny", *args)))
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
+def test_micro_batches_with_the_global_threshold_select_the_code_of_the_whole_batch(kind):
+    from models.base import merge_step_stats
+    from models.sae import SAE, SAEConfig
+    from train.sae_task import global_batch_threshold
+
+    torch.manual_seed(0)
+    extra = {"matryoshka_widths": [16, 64]} if kind == "matryoshka" else {}
+    sae = SAE(SAEConfig(kind=kind, d_in=D, d_sae=64, k=4, dead_tokens=1, **extra)).train()
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
+    whole = sae(x)
+    (whole.loss + sum(whole.aux_losses.values())).backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    assert global_batch_threshold(sae, x, micro_rows=64) is None, "one process, one micro-batch: nothing to do"
+    threshold = global_batch_threshold(sae, x, micro_rows=32)
+    stats, x_hat = {}, []
+    for half in x.split(32):  # what --grad-accum 2 does with the same global batch
+        out = sae(half, batch_threshold=threshold)
+        ((out.loss + sum(out.aux_losses.values())) / 2).backward()
+        merge_step_stats(stats, out.step_stats)
+        x_hat.append(out.x_hat)
+    assert torch.equal(stats["fire_counts"], whole.step_stats["fire_counts"]), "the same latents fire"
+    assert int(stats["rows"]) == 64 and torch.equal(stats["threshold_min"], whole.step_stats["threshold_min"])
+    torch.testing.assert_close(torch.cat(x_hat), whole.x_hat, rtol=0, atol=1e-6)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    alone = [sae(half).step_stats["fire_counts"] for half in x.split(32)]  # each half ranking only itself
+    assert not torch.equal(alone[0] + alone[1], whole.step_stats["fire_counts"]), "the threshold mattered"

@@ -4,7 +4,8 @@
 - metrics: 0-d tensors to log (the model averages them over layers);
 - stats: step statistics, keyed locally (the model prefixes the layer's module path); the trainer
   sums them over micro-batches and ranks (models.base.merge_step_stats) and hands them back to
-  the layer's `on_optimizer_step(stats, step)` once per optimizer step.
+  the layer's `on_optimizer_step(stats, step)` once per optimizer step;
+- outputs: tensors a caller may ask the model for (an MoE layer's "router_logits").
 """
 
 from __future__ import annotations
@@ -21,3 +22,4 @@ class LayerReport:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -11,25 +11,28 @@ The model is a `transformers.PreTrainedModel`, so `save_pretrained`, `from_pretr
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from layers import attention, linear, mlp
 from layers.attention import SelfAttention
 from layers.moe import moe_layers, set_num_experts_per_tok, set_top_p
 from layers.norm import RMSNorm
 from layers.registry import check_kwargs
-from layers.report import LayerReport
 from layers.rotary import RotaryEmbedding
 from models.base import ZooPreTrainedModel
-from models.losses import next_token_loss
 from models.versioning import VersionedConfig
 
 LINEAR_TARGETS = ("mlp", "attn", "all")
@@ -99,6 +102,7 @@ def move_moe_aliases(fields: dict) -> dict:
 def _upgrade_v0(raw: dict) -> dict:
     """Version 0 -> 1: the 16 top-level MoE fields move into mlp_kwargs under MoEOptions' names."""
     old = {name: raw.pop(name) for name in list(MOE_ALIASES) if name in raw}
+    raw.setdefault("use_cache", True)  # transformers' default, which version 0 did not store
     if raw.get("mlp") != "moe":
         return raw
     old.setdefault("routed_scaling_factor", 1.0)  # added after the first release, 1.0 before
@@ -153,6 +157,7 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
     init_std: float = 0.02
     tie_word_embeddings: bool = True
     zoo_name: str | None = None  # the catalog entry this config came from, if any
+    use_cache: bool = True  # forward returns a KV cache unless told otherwise (transformers' field)
     config_version: int = 1  # the layout of this config (models/versioning.py); older dicts are upgraded
 
     def __post_init__(self, **kwargs):
@@ -220,7 +225,7 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
                      reserved=("head_dim",))
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(GradientCheckpointingLayer):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: ZooLMConfig, layer_idx: int):
@@ -235,13 +240,20 @@ class DecoderBlock(nn.Module):
         self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear, linear_kwargs=mlp_linear_kwargs,
                                     layer_idx=layer_idx, **c.mlp_kwargs)
 
-    def forward(self, x, cos, sin, cache=None, key_padding_mask=None,
-                reports: list[LayerReport] | None = None) -> torch.Tensor:
-        """x (batch, seq, d_model) -> the block's output; its MLP's report (if it makes one) goes into `reports`.
+    def forward(self, x, cos, sin, cache=None, key_padding_mask=None, reports: list | None = None,
+                kv_length: int | None = None, implementation: str = "sdpa") -> torch.Tensor:
+        """x (batch, seq, d_model) -> the block's output (a plain tensor, so hooks see the residual stream).
 
-        The output stays a plain tensor, so hooks on a block (SAE harvesting, probes) see the residual stream.
+        What its layers report goes into `reports` (a list the model passes): the MLP's LayerReport if it makes
+        one, and ("attention_weights", tensor) when asked for with reports=[..., "attention_weights"].
         """
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, key_padding_mask=key_padding_mask)
+        want_weights = reports is not None and "attention_weights" in reports
+        attn = self.attn(self.attn_norm(x), cos, sin, cache=cache, key_padding_mask=key_padding_mask,
+                         kv_length=kv_length, implementation=implementation, return_weights=want_weights)
+        if want_weights:
+            attn, weights = attn
+            reports.append(("attention_weights", weights))
+        x = x + attn
         out = self.mlp(self.mlp_norm(x))
         if isinstance(out, tuple):  # MLP kinds with losses / metrics / step statistics return both
             out, report = out
@@ -251,32 +263,36 @@ class DecoderBlock(nn.Module):
 
 
 @dataclass
-class ZooLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus what the layers report: weighted auxiliary losses (MoE balance, z-loss...),
-    metrics to log (averaged over layers) and step statistics for the trainer's step hook (models/base.py)."""
+class ZooLMModelOutput(BaseModelOutputWithPast):
+    """BaseModelOutputWithPast plus what the layers report: weighted auxiliary losses (MoE balance, z-loss...),
+    metrics to log (averaged over layers), step statistics for the trainer's step hook (models/base.py) and,
+    on request, each MoE layer's router logits."""
 
     aux_losses: dict[str, torch.Tensor] | None = None
     metrics: dict[str, torch.Tensor] | None = None
     step_stats: dict[str, torch.Tensor] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class ZooLM(ZooPreTrainedModel, GenerationMixin):
-    """Decoder-only LM: embedding, n_layers DecoderBlocks, final RMSNorm, LM head (optionally tied)."""
+@dataclass
+class ZooLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the backbone's reports (see ZooLMModelOutput). With labels, `loss` is the
+    next-token loss plus the weighted auxiliary losses (what fine-tuning should minimise)."""
+
+    aux_losses: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+    step_stats: dict[str, torch.Tensor] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class ZooLMPreTrainedModel(ZooPreTrainedModel):
+    """What the backbone and the causal LM share: config class, initialisation, transformers capabilities."""
 
     config_class = ZooLMConfig
-    base_model_prefix = "zoo_lm"
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderBlock"]
-    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
     _supports_sdpa = True
-
-    def __init__(self, config: ZooLMConfig):
-        super().__init__(config)
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.d_model // config.n_heads, config.rope_theta)
-        self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -293,12 +309,26 @@ class ZooLM(ZooPreTrainedModel, GenerationMixin):
         elif hasattr(module, "init_weights_"):  # layers with their own structure (Monarch, experts...)
             module.init_weights_(std)
 
+
+class ZooLMModel(ZooLMPreTrainedModel):
+    """The backbone: embedding, n_layers DecoderBlocks, final RMSNorm (`AutoModel` gives this)."""
+
+    def __init__(self, config: ZooLMConfig):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.rotary = RotaryEmbedding(config.d_model // config.n_heads, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -306,49 +336,63 @@ class ZooLM(ZooPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        past_key_values=None,
         **kwargs,
-    ) -> ZooLMOutput:
-        """HF causal-LM forward. `labels` are the input ids themselves (shifted inside), -100 ignored."""
-        cache = kwargs.pop("past_key_values", cache)  # the pre-5.x name of `cache`
+    ) -> ZooLMModelOutput:
+        """Hidden states of input_ids (or inputs_embeds); a transformers Cache continues a sequence."""
+        cache = _one_cache(cache, past_key_values)
+        c = self.config
+        use_cache = c.use_cache if use_cache is None else use_cache
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, d_model)
         b, s, _ = x.shape
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + s > self.config.max_seq_len:
-            raise ValueError(f"sequence length {past + s} exceeds the model's max_seq_len={self.config.max_seq_len}")
+            cache = DynamicCache(config=c)
+        past = int(cache.get_seq_length()) if cache is not None else 0  # a static cache's is a live tensor
+        if past + s > c.max_seq_len:
+            raise ValueError(f"sequence length {past + s} exceeds the model's max_seq_len={c.max_seq_len}")
         if position_ids is None:
             position_ids = (torch.arange(s, device=x.device) + past).expand(b, s)
         cos, sin = self.rotary(position_ids, x.dtype)
-        # A 2-D padding mask over (past + current) keys; all-ones means no padding.
-        key_padding_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            key_padding_mask = attention_mask.bool()
+        key_padding_mask = _key_padding_mask(attention_mask, s, past + s)
+        implementation = c._attn_implementation or "sdpa"
         aux: dict[str, torch.Tensor] = {}
         metrics: dict[str, list[torch.Tensor]] = {}
         stats: dict[str, torch.Tensor] = {}
+        hidden_states, attentions, router_logits = [], [], []
         for i, block in enumerate(self.blocks):
-            reports: list[LayerReport] = []
-            x = block(x, cos, sin, cache=cache, key_padding_mask=key_padding_mask, reports=reports)
-            for report in reports:
+            if output_hidden_states:
+                hidden_states.append(x)
+            reports: list = ["attention_weights"] if output_attentions else []
+            x = block(x, cos, sin, cache, key_padding_mask, reports, past + s, implementation)
+            for report in reports[1:] if output_attentions else reports:
+                if isinstance(report, tuple):  # ("attention_weights", (batch, heads, q, k))
+                    attentions.append(report[1])
+                    continue
                 for name, value in report.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
                 for name, value in report.metrics.items():
                     metrics.setdefault(name, []).append(value)
                 stats.update({f"blocks.{i}.mlp.{name}": value for name, value in report.stats.items()})
+                if output_router_logits and "router_logits" in report.outputs:
+                    router_logits.append(report.outputs["router_logits"])
         x = self.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-        loss = None if labels is None else next_token_loss(logits, labels)
-        return ZooLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, aux_losses=aux,
-                           metrics={name: torch.stack(v).float().mean() for name, v in metrics.items()},
-                           step_stats=stats)
+        if output_hidden_states:
+            hidden_states.append(x)
+        # Empty reports are None, so that return_dict=False gives the tuple a transformers model gives.
+        return ZooLMModelOutput(
+            last_hidden_state=x, cache=cache if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None, aux_losses=aux or None,
+            metrics={name: torch.stack(v).float().mean() for name, v in metrics.items()} or None,
+            step_stats=stats or None, router_logits=tuple(router_logits) if output_router_logits else None)
 
     @torch.no_grad()
     def after_optimizer_step(self, stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
@@ -359,6 +403,129 @@ class ZooLM(ZooPreTrainedModel, GenerationMixin):
                 prefix = f"{path}."
                 hook({k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}, step)
         return {}
+
+    def cost(self, seq_len: int | None = None, sample: torch.Tensor | None = None) -> dict[str, float]:
+        """As ZooLMForCausalLM.cost, without the LM head."""
+        return _cost(self, seq_len, sample, head_flops=0)
+
+
+def _one_cache(cache, past_key_values):
+    """The cache, passed as `cache` (transformers 5) or `past_key_values` (its older name), never both."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values` (its older name), not both")
+    return cache if cache is not None else past_key_values
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None, q_len: int, kv_length: int) -> torch.Tensor | None:
+    """A (batch, past + current) bool mask of the keys to attend to, or None when nothing is padded.
+
+    A 2-D mask is the usual (batch, keys) padding mask (1 = attend). A 4-D (batch, 1, queries, keys) mask
+    (what generate builds for a static cache) is honoured when it is a causal mask with key padding, which
+    every attention kind implements; any other 4-D mask is refused rather than ignored.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        attention_mask = _padding_of_causal_mask(attention_mask, q_len, kv_length)
+    elif attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} is not supported: pass a 2-D "
+                         f"(batch, keys) padding mask (1 = attend, 0 = padding)")
+    if attention_mask.shape[1] != kv_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but the cache and the input "
+                         f"hold {kv_length}: it must cover the past and the current tokens")
+    return None if bool(attention_mask.all()) else attention_mask.bool()
+
+
+def _padding_of_causal_mask(mask: torch.Tensor, q_len: int, kv_length: int) -> torch.Tensor:
+    """The (batch, kv_length) key padding of a 4-D causal mask; a ValueError if the mask is anything else."""
+    allowed = mask.bool() if not mask.is_floating_point() else mask == 0  # additive masks: 0 = attend
+    if allowed.shape[1] != 1 or allowed.shape[2] != q_len or allowed.shape[3] < kv_length:
+        raise ValueError(f"a 4-D attention_mask must be (batch, 1, {q_len}, >= {kv_length}); got {tuple(mask.shape)}")
+    allowed = allowed[:, 0, :, :kv_length]  # (batch, queries, keys); a static cache's unwritten keys dropped
+    keys = allowed[:, -1]  # the last query sees every real key
+    rows = torch.arange(q_len, device=mask.device)[:, None] + (kv_length - q_len)
+    causal = rows >= torch.arange(kv_length, device=mask.device)[None, :]
+    real_query = keys[:, kv_length - q_len:, None]  # padding queries' rows are never read
+    if not bool(((allowed == (causal & keys[:, None, :])) | ~real_query).all()):
+        raise ValueError("this 4-D attention_mask is not a causal mask with key padding: the zoo's attention kinds "
+                         "take only that (other 4-D masks are refused rather than ignored)")
+    return keys
+
+
+class ZooLMForCausalLM(ZooLMPreTrainedModel, GenerationMixin):
+    """Decoder-only LM: the ZooLMModel backbone (`.model`) and an LM head (optionally tied to the embedding)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: ZooLMConfig):
+        super().__init__(config)
+        self.model = ZooLMModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    # The backbone's parts by their short names (code and hook points written before the split use them).
+    embed = property(lambda self: self.model.embed, doc="The token embedding (the backbone's).")
+    blocks = property(lambda self: self.model.blocks, doc="The decoder blocks (the backbone's).")
+    norm = property(lambda self: self.model.norm, doc="The final norm (the backbone's).")
+    rotary = property(lambda self: self.model.rotary, doc="The rotary embedding (the backbone's).")
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> ZooLMOutput:
+        """HF causal-LM forward. `labels` are the input ids themselves (shifted inside, -100 ignored; or pass
+        `shift_labels`); `num_items_in_batch` normalises the loss over gradient-accumulation steps."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         output_router_logits=output_router_logits, return_dict=True)
+        x = out.last_hidden_state
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss_kwargs = {k: kwargs[k] for k in ("shift_labels", "num_items_in_batch", "ignore_index") if k in kwargs}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            if out.aux_losses:  # balance / z losses, weighted: fine-tuning keeps the router balanced
+                loss = loss + sum(out.aux_losses.values())
+        return ZooLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                           attentions=out.attentions, aux_losses=out.aux_losses, metrics=out.metrics,
+                           step_stats=out.step_stats, router_logits=out.router_logits)
+
+    def after_optimizer_step(self, stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        """The backbone's per-step updates (statistics are keyed by block path, as the backbone reports them)."""
+        return self.model.after_optimizer_step(stats, step)
+
+    @staticmethod
+    def module_key(stored_key: str) -> str:
+        """The state-dict name of a tensor stored under `stored_key` (checkpoints keep the pre-split names)."""
+        return module_key(stored_key)
 
     # ---- sparsity knobs ----------------------------------------------------------------------
     def set_num_experts_per_tok(self, k: int, layers: list[int] | None = None) -> None:
@@ -390,33 +557,61 @@ class ZooLM(ZooPreTrainedModel, GenerationMixin):
         self.config.mlp_kwargs = options
 
     # ---- cost --------------------------------------------------------------------------------
-    @torch.no_grad()
     def cost(self, seq_len: int | None = None, sample: torch.Tensor | None = None) -> dict[str, float]:
         """total_params, active_params (per token) and forward flops_per_token at seq_len.
 
         A function of the weights' structure and settings only. Top-p routing's k varies per token: by default
         its largest k counts (worst case); pass `sample` (token ids) to count the mean k measured on them.
         """
-        seq_len = seq_len or self.config.max_seq_len
-        mean_k: list[float | None] = [None] * len(self.blocks)
-        if sample is not None:
-            was_training = self.training
-            self.eval()
-            stats = self(input_ids=sample.to(self.embed.weight.device)).step_stats
-            self.train(was_training)
-            per_expert = [stats.get(f"blocks.{i}.mlp.tokens_per_expert") for i in range(len(self.blocks))]
-            mean_k = [None if n is None else float(n.sum()) / sample.numel() for n in per_expert]
-        total = sum(p.numel() for p in self.parameters())
-        flops = 2 * self.config.d_model * self.config.vocab_size  # LM head; the embedding is a lookup
-        inactive = 0  # parameters that a token does not touch (unused experts), as their layer reports
-        for block, k in zip(self.blocks, mean_k, strict=True):
-            extra = {} if k is None else {"mean_experts_per_tok": k}
-            flops += block.attn.flops_per_token(seq_len) + block.mlp.flops_per_token(**extra)
-            inactive += getattr(block.mlp, "inactive_params_per_token", lambda **_: 0)(**extra)
-        return {"total_params": total, "active_params": total - inactive, "flops_per_token": flops,
-                "seq_len": seq_len}
+        return _cost(self, seq_len, sample, head_flops=2 * self.config.d_model * self.config.vocab_size)
 
+
+@torch.no_grad()
+def _cost(model, seq_len: int | None, sample: torch.Tensor | None, head_flops: int) -> dict[str, float]:
+    """The cost of a backbone or causal LM (see ZooLMForCausalLM.cost)."""
+    seq_len = seq_len or model.config.max_seq_len
+    mean_k: list[float | None] = [None] * len(model.blocks)
+    if sample is not None:
+        was_training = model.training
+        model.eval()
+        stats = model(input_ids=sample.to(model.embed.weight.device), use_cache=False).step_stats or {}
+        model.train(was_training)
+        per_expert = [stats.get(f"blocks.{i}.mlp.tokens_per_expert") for i in range(len(model.blocks))]
+        mean_k = [None if n is None else float(n.sum()) / sample.numel() for n in per_expert]
+    total = sum(p.numel() for p in model.parameters())
+    flops = head_flops  # the LM head; the embedding is a lookup
+    inactive = 0  # parameters that a token does not touch (unused experts), as their layer reports
+    for block, k in zip(model.blocks, mean_k, strict=True):
+        extra = {} if k is None else {"mean_experts_per_tok": k}
+        flops += block.attn.flops_per_token(seq_len) + block.mlp.flops_per_token(**extra)
+        inactive += getattr(block.mlp, "inactive_params_per_token", lambda **_: 0)(**extra)
+    return {"total_params": total, "active_params": total - inactive, "flops_per_token": flops,
+            "seq_len": seq_len}
+
+
+# ZooLM: the name of the causal LM before the backbone / head split.
+ZooLM = ZooLMForCausalLM
+
+# Checkpoints keep the names they had before the split ("embed.weight", "blocks.0...", "norm.weight"):
+# transformers renames them on load (and back on save), and zoo.load does the same with `checkpoint_key`.
+LEGACY_PREFIXES = ("embed.", "blocks.", "norm.", "rotary.")
+
+
+def module_key(checkpoint_key: str) -> str:
+    """The causal LM's state-dict name of a tensor stored under `checkpoint_key`."""
+    return f"model.{checkpoint_key}" if checkpoint_key.startswith(LEGACY_PREFIXES) else checkpoint_key
+
+
+def checkpoint_key(module_key: str) -> str:
+    """The name under which the causal LM's tensor `module_key` is stored."""
+    return module_key.removeprefix("model.")
+
+
+register_checkpoint_conversion_mapping(ZooLMConfig.model_type, [
+    WeightRenaming(source_patterns=rf"^{re.escape(prefix)}", target_patterns=f"model.{prefix}")
+    for prefix in LEGACY_PREFIXES], overwrite=True)
 
 # `import models.lm` (and so `import zoo`) makes AutoConfig / AutoModelForCausalLM know our folders.
 AutoConfig.register(ZooLMConfig.model_type, ZooLMConfig, exist_ok=True)
-AutoModelForCausalLM.register(ZooLMConfig, ZooLM, exist_ok=True)
+AutoModelForCausalLM.register(ZooLMConfig, ZooLMForCausalLM, exist_ok=True)
+AutoModel.register(ZooLMConfig, ZooLMModel, exist_ok=True)

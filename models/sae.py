@@ -35,6 +35,7 @@ from layers.sparse_activations import SparseCode, sparse_decode
 from models.base import ZooPreTrainedModel
 from models.sae_kinds import HIER_LOSSES, SAE_KINDS, SAEKind, check_field, kind_descriptions, mse
 from models.sae_kinds import top_values as largest_entries  # `top_values` is also forward's keyword
+from models.versioning import VersionedConfig
 
 # name -> kind class (each with its `description`); the registry itself, so kinds added later show too.
 KINDS = SAE_KINDS
@@ -45,15 +46,20 @@ __all__ = ["HIER_LOSSES", "KINDS", "SAE", "SAEConfig", "SAEKind", "SAEOutput", "
            "mse"]
 
 
+def _upgrade_v0(raw: dict) -> dict:
+    """Version 0 -> 1: fields added after the first checkpoints get the values those checkpoints trained with."""
+    return {"hier_loss": "mean", "resample_every": 0, "kind_kwargs": {}, **raw}
+
+
 @strict
-class SAEConfig(PreTrainedConfig):
+class SAEConfig(VersionedConfig, PreTrainedConfig):
     """Config of a sparse autoencoder: its kind, sizes, sparsity, losses and the LM layer it reads."""
 
     model_type = "zoo_sae"
-    # Fields that checkpoints written before they existed lack, with the value that reproduces those checkpoints.
-    FIELDS_ADDED_LATER = {"hier_loss": "mean", "resample_every": 0}
+    UPGRADES = (_upgrade_v0,)
 
     kind: str = "topk"  # a name in SAE_KINDS
+    kind_kwargs: dict = field(default_factory=dict)  # options of the kind itself (its OPTIONS), if it has any
     d_in: int = 256
     d_sae: int = 2048
     k: int = 32  # latents per token (topk kinds); the largest budget of hierarchical_topk
@@ -75,6 +81,7 @@ class SAEConfig(PreTrainedConfig):
     hook_point: str = "blocks.2"  # module path in the source LM; "NAME" its output, "NAME:input" its input
     context_size: int = 256  # tokens per sequence when the activations were harvested
     zoo_name: str | None = None  # the catalog entry this config came from, if any
+    config_version: int = 1  # the layout of this config (models/versioning.py); older dicts are upgraded
 
     def __post_init__(self, **kwargs):
         if self.normalize_decoder is None and self.kind in SAE_KINDS:  # an unknown kind: validation names it
@@ -96,7 +103,9 @@ class SAEConfig(PreTrainedConfig):
             check_field(self.act_scale > 0, "act_scale", self.act_scale, "must be > 0 or null")
         check_field(isinstance(self.hook_point, str) and bool(self.hook_point), "hook_point", self.hook_point,
                     "a module path of the source LM, e.g. 'blocks.2' (its output) or 'blocks.2:input'")
-        SAE_KINDS[self.kind]().validate(self)  # the fields only the kind reads
+        kind = SAE_KINDS[self.kind]()
+        kind.check_options(self.kind_kwargs)  # its own options
+        kind.validate(self)  # the fields only the kind reads
 
 
 @dataclass

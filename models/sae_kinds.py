@@ -102,10 +102,25 @@ class SAEKind:
     description: ClassVar[str] = ""  # one line, for `zoo info` / `zoo list` style listings
     normalize_decoder: ClassVar[bool] = True  # the default of config.normalize_decoder
     sae_lens_architecture: ClassVar[str | None] = None  # the SAELens architecture it exports to; None: none
+    # Its own options, given as config.kind_kwargs: name -> (check(value) -> bool, what is allowed).
+    OPTIONS: ClassVar[dict] = {}
 
     # ---- config ---------------------------------------------------------------------------------
     def validate(self, config: SAEConfig) -> None:
         """Check the config fields that only this kind reads (a ValueError naming the field)."""
+
+    def check_options(self, options: dict) -> None:
+        """A ValueError naming the first unknown or invalid entry of config.kind_kwargs."""
+        check_field(isinstance(options, dict), "kind_kwargs", options, "must be a dict of the kind's options")
+        for name, value in options.items():
+            check_field(name in self.OPTIONS, "kind_kwargs", options,
+                        f"{name!r} is not an option of {type(self).__name__}; known: {sorted(self.OPTIONS)}")
+            ok, allowed = self.OPTIONS[name]
+            check_field(ok(value), f"kind_kwargs.{name}", value, allowed)
+
+    def option(self, config: SAEConfig, name: str, default):
+        """The value of the kind's option `name` in config.kind_kwargs."""
+        return config.kind_kwargs.get(name, default)
 
     def active_latents(self, config: SAEConfig) -> int:
         """Latents decoded per token at the configured budget (for cost())."""

@@ -90,8 +90,7 @@ def read_config(folder: Path, **overrides):
     # The versioned upgrade (models/versioning.py), the same that from_pretrained applies: an older
     # checkpoint's dict becomes today's, with the values that reproduce what it did.
     try:
-        upgrade = getattr(config_cls, "upgrade", None)
-        raw = upgrade(raw) if upgrade else {**getattr(config_cls, "FIELDS_ADDED_LATER", {}), **raw}
+        raw = config_cls.upgrade(raw)
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{file}: {err}") from err
     # Every field the zoo declares must then be present: a missing one would silently take a default.
@@ -120,6 +119,10 @@ def load_checkpoint(folder: str | Path, **overrides):
     # What the weights are checked against: config.json, as changed by the overrides if any.
     against = f"{folder / CONFIG_FILE}" + (f" with the overrides {overrides}" if overrides else "")
     model = build_model(FAMILIES[family][1], config, where=against)
+    # Stored names -> the module's names (the LM keeps the names it had before its backbone / head split).
+    to_module = getattr(model, "module_key", None)
+    if to_module is not None:
+        tensors = {to_module(key): tensor for key, tensor in tensors.items()}
     expected = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         for target in getattr(model, "_tied_weights_keys", {}) or {}:

@@ -118,8 +118,30 @@ def local_flops_per_token(head_dim: int, seq_len: int, window: int, causal: bool
     return 4 * head_dim * computed / seq_len
 
 
+def local_attention_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool = True,
+                            key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same attention as local_attention written out densely: (output, weights (b, h, q_len, k_len)),
+    zero outside each query's window. O(n^2) memory: for inspecting the weights, not for long sequences."""
+    from layers.attention.dense import attention_mask
+
+    check_qkv(q, k, v)
+    k, v = repeat_kv_heads(q, k, v)
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    diff = (torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)) - torch.arange(k_len, device=q.device)
+    allowed = (diff < window) & (diff > -window)  # (q_len, k_len): query position - key position
+    if causal:
+        allowed = allowed & (diff >= 0)
+    padding = attention_mask(q_len, k_len, False, key_padding_mask, q.device)
+    allowed = allowed if padding is None else allowed & padding
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    weights = scores.masked_fill(~allowed, float("-inf")).float().softmax(-1).to(q.dtype)
+    return weights @ v, weights
+
+
 class LocalAttention(nn.Module):
     """Sliding-window attention of width `window` (flash-attn's window_size where it can run)."""
+
+    OPTIONS_AT_CALL = ("return_weights",)  # keywords a caller may add: see DenseAttention
 
     def __init__(self, head_dim: int, window: int = 128):
         super().__init__()
@@ -134,8 +156,14 @@ class LocalAttention(nn.Module):
         v: torch.Tensor,
         causal: bool = True,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len.
+
+        return_weights: also the (batch, heads, q_len, k_len) weights (dense, zero outside the window).
+        """
+        if return_weights:
+            return local_attention_weights(q, k, v, self.window, causal, key_padding_mask)
         if key_padding_mask is None and kernels.can_use_flash_attn(q):
             from flash_attn import flash_attn_func
 

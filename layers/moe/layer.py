@@ -92,7 +92,7 @@ class MoEMLP(nn.Module):
         if o.router_entropy_loss_coef:
             losses["moe_entropy_loss"] = o.router_entropy_loss_coef * router_entropy_loss(routing.probs)
         return LayerReport(aux_losses=losses, metrics=load_statistics(per_expert, kept, num_tokens),
-                           stats={"tokens_per_expert": per_expert.detach()})
+                           stats={"tokens_per_expert": per_expert.detach()}, outputs={"router_logits": routing.logits})
 
     @torch.no_grad()
     def on_optimizer_step(self, stats: dict[str, torch.Tensor], step: int) -> None:

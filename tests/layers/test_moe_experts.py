@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from layers import kernels
+from layers.kernels import HAS_GROUPED_MM
 from layers.mlp import SwiGLU
 from layers.moe import MoEMLP, SwiGLUExperts, make_plan
 from layers.moe.dispatch import tier_sizes
-from layers.kernels import HAS_GROUPED_MM
 
 IMPLS = ["padded", "tiered", "grouped"] if HAS_GROUPED_MM else ["padded", "tiered"]
 

@@ -20,6 +20,7 @@ class Toy(SAEKind):
     description = "toy: top k per row with an L1 penalty, k even"
     normalize_decoder = False
     sae_lens_architecture = "topk"
+    OPTIONS = {"l1": (lambda v: isinstance(v, float) and v >= 0, "must be a float >= 0")}  # kind_kwargs
 
     def validate(self, config):
         check_field(config.k % 2 == 0, "k", config.k, "the toy kind wants an even k")
@@ -29,7 +30,8 @@ class Toy(SAEKind):
 
     def forward(self, sae, x_scaled, k=None, batch_threshold=None):
         out = super().forward(sae, x_scaled, k, batch_threshold)  # sparse code, MSE, AuxK
-        out.aux["toy_l1"] = 1e-3 * sae.encode(x_scaled / sae.scale, k).abs().sum(-1).mean()
+        weight = self.option(sae.config, "l1", 1e-3)
+        out.aux["toy_l1"] = weight * sae.encode(x_scaled / sae.scale, k).abs().sum(-1).mean()
         return out
 
     def eval_budgets(self, config):
@@ -69,6 +71,17 @@ def test_every_built_in_kind_is_a_registered_class_with_a_description():
 def test_an_unknown_kind_names_the_field_and_the_known_kinds_including_added_ones():
     with pytest.raises(ValueError, match=r"'kind' = 'nope'.*known: \[.*'toy'"):
         load("sae-topk-tiny", kind="nope")
+
+
+def test_a_kinds_own_options_come_from_kind_kwargs_and_are_checked_by_the_kind():
+    x = data()
+    plain, heavy = make().train(), make(kind_kwargs={"l1": 1.0}).train()
+    a, b = plain(x).aux_losses["toy_l1"], heavy(x).aux_losses["toy_l1"]
+    torch.testing.assert_close(b, a * 1000)  # same weights (same seed), the option scales the penalty
+    with pytest.raises(Exception, match="kind_kwargs.*'l2' is not an option of Toy"):
+        make(kind_kwargs={"l2": 1.0})
+    with pytest.raises(Exception, match="kind_kwargs.l1"):
+        make(kind_kwargs={"l1": -1.0})
 
 
 def test_a_kind_defined_in_a_test_file_is_built_from_a_config_and_validates_its_field():

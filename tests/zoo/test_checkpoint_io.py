@@ -270,15 +270,15 @@ FIELDS_BY_VERSION = {
     "ZooLMConfig": {
         1: {"attention", "attention_kwargs", "config_version", "d_ff", "d_model", "init_std", "linear",
             "linear_kwargs", "linear_targets", "max_seq_len", "mlp", "mlp_kwargs", "n_heads", "n_kv_heads",
-            "n_layers", "norm_eps", "rope_theta", "tie_word_embeddings", "vocab_size", "zoo_name"},
+            "n_layers", "norm_eps", "rope_theta", "tie_word_embeddings", "use_cache", "vocab_size", "zoo_name"},
     },
     "SAEConfig": {
         0: {"act_scale", "auxk_coeff", "auxk_k", "context_size", "d_in", "d_sae", "dead_tokens", "hier_loss",
             "hook_point", "k", "k_min", "kind", "l1_coeff", "matryoshka_widths", "normalize_decoder",
             "resample_every", "source_model", "threshold_momentum", "zoo_name"},
         1: {"act_scale", "auxk_coeff", "auxk_k", "config_version", "context_size", "d_in", "d_sae", "dead_tokens",
-            "hier_loss", "hook_point", "k", "k_min", "kind", "l1_coeff", "matryoshka_widths", "normalize_decoder",
-            "resample_every", "source_model", "threshold_momentum", "zoo_name"},
+            "hier_loss", "hook_point", "k", "k_min", "kind", "kind_kwargs", "l1_coeff", "matryoshka_widths",
+            "normalize_decoder", "resample_every", "source_model", "threshold_momentum", "zoo_name"},
     },
 }
 

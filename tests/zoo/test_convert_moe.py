@@ -73,7 +73,8 @@ def test_upcycled_model_reproduces_the_dense_logits(k):
     for p in dense.parameters():  # away from the init, so that a wrong copy would show
         p.data.add_(torch.randn_like(p) * 0.05)
     moe, report = CONVERTERS["moe"](dense, num_experts=4, num_experts_per_tok=k)
-    assert moe.config.mlp == "moe" and moe.config.mlp_kwargs["num_experts"] == 4 and moe.config.mlp_kwargs["num_experts_per_tok"] == k
+    assert moe.config.mlp == "moe" and moe.config.mlp_kwargs["num_experts"] == 4
+    assert moe.config.mlp_kwargs["num_experts_per_tok"] == k
     x = torch.randint(0, 256, (2, 40))
     torch.testing.assert_close(moe(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
     assert report["max_abs_logit_diff"] < 1e-4

@@ -143,8 +143,12 @@ def lsh_attention(
     chunk: int,
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention over each query's bucket chunk plus itself (queries are the last q_len positions)."""
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over each query's bucket chunk plus itself (queries are the last q_len positions).
+
+    return_weights: also the weights it used, as a dense (b, h, q_len, k_len) matrix (zero off its support).
+    """
     check_qkv(q, k, v)
     k, v = repeat_kv_heads(q, k, v)
     b, h, q_len, d = q.shape
@@ -160,7 +164,20 @@ def lsh_attention(
     weights = torch.exp(logits - top[tiles.pair_block][..., None])  # (P, B, T)
     acc = acc.index_add(0, tiles.pair_block, weights @ vf[tiles.k_rows])
     out = normalise(acc).flatten(0, 1)[tiles.unsort]  # (b * h * q_len, d) in position order
-    return out.view(b, h, q_len, d)
+    out = out.view(b, h, q_len, d)
+    if not return_weights:
+        return out
+    k_len = k.shape[-2]
+    z = acc[..., -1]  # (NB, B): each slot's softmax denominator (v was extended by a column of ones)
+    dense = torch.zeros(b * h * q_len, k_len, dtype=acc.dtype, device=q.device)
+    rows = torch.arange(b * h * q_len, device=q.device)
+    slot = tiles.unsort  # each query row's slot in the flattened (NB, B)
+    own_weight = (torch.exp(own - top) / z).flatten()[slot]
+    dense.index_put_((rows, tiles.own_rows.flatten()[slot] % k_len), own_weight, accumulate=True)
+    pair_rows = tiles.q_rows[tiles.pair_block][..., None].expand_as(weights)  # (P, B, T); padding slots add 0
+    pair_cols = tiles.k_pos[:, None, :].expand_as(weights)
+    dense.index_put_((pair_rows, pair_cols), weights / z[tiles.pair_block][..., None], accumulate=True)
+    return out, dense.view(b, h, q_len, k_len).to(q.dtype)
 
 
 def hash_flops_per_token(head_dim: int, n_buckets: int) -> float:
@@ -182,6 +199,8 @@ def lsh_flops_per_token(head_dim: int, n_buckets: int, chunk: int) -> float:
 class LSHAttention(nn.Module):
     """Hash-bucketed sparse attention: `n_buckets` angular-LSH buckets, `chunk` keys of its bucket per query."""
 
+    OPTIONS_AT_CALL = ("return_weights",)  # keywords a caller may add: see DenseAttention
+
     def __init__(self, head_dim: int, n_buckets: int = 8, chunk: int = 64, redraw_every: int = 1000):
         super().__init__()
         if n_buckets < 1 or (n_buckets > 1 and n_buckets % 2):
@@ -198,10 +217,14 @@ class LSHAttention(nn.Module):
         v: torch.Tensor,
         causal: bool = True,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len.
+
+        return_weights: also the (batch, heads, q_len, k_len) weights it used (dense, zero off its support).
+        """
         rotations = None if self.rotations is None else self.rotations.weight
-        return lsh_attention(q, k, v, rotations, self.chunk, causal, key_padding_mask)
+        return lsh_attention(q, k, v, rotations, self.chunk, causal, key_padding_mask, return_weights)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs per query token and head (tiles per query block estimated: see tiles_per_block)."""

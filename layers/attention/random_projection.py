@@ -19,12 +19,12 @@ _SEED_STRIDE = 1_000_003  # spaces the seeds of successive redraws
 def gaussian_orthogonal(rows: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(rows, dim): blocks of orthogonal rows, each row's norm drawn like a Gaussian vector's (Performer's ORF)."""
     blocks = []
-    for start in range(0, rows, dim):
-        gauss = torch.randn(dim, dim, generator=generator)
+    for start in range(0, rows, dim):  # float32 whatever the default dtype: QR has no CPU half kernel
+        gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float32)
         ortho, r = torch.linalg.qr(gauss)  # (dim, dim), orthonormal columns
         ortho = ortho * torch.sign(torch.diagonal(r))  # sign fix: uniformly (Haar) distributed rotations
         blocks.append(ortho.T[: min(dim, rows - start)])
-    norms = torch.randn(rows, dim, generator=generator).norm(dim=1, keepdim=True)  # chi(dim) distributed
+    norms = torch.randn(rows, dim, generator=generator, dtype=torch.float32).norm(dim=1, keepdim=True)  # chi(dim)
     return torch.cat(blocks) * norms
 
 
@@ -42,13 +42,24 @@ class RandomProjection(nn.Module):
         self.register_buffer("seed", torch.randint(0, 2**31 - 1, (), dtype=torch.long))
         self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("weight", torch.empty(rows, dim))
-        if not self.weight.is_meta:  # under from_pretrained's meta init the checkpoint fills it
+        if not self.weight.is_meta:  # under from_pretrained's meta init the checkpoint (or init_weights_) fills it
             self.weight.copy_(self.draw(0))
+
+    def init_weights_(self, std: float) -> None:
+        """The model's initialisation: a buffer the checkpoint did not hold is drawn afresh (a new seed unless
+        the seed was loaded, then the matrix of that seed), never left as uninitialised memory."""
+        if getattr(self.weight, "_is_hf_initialized", False):
+            return  # loaded from the checkpoint
+        with torch.no_grad():
+            if not getattr(self.seed, "_is_hf_initialized", False):
+                self.seed.copy_(torch.randint(0, 2**31 - 1, ()))
+                self.training_calls.zero_()
+            self.weight.copy_(self.draw(int(self.training_calls) // max(self.redraw_every, 1)))
 
     def draw(self, count: int) -> torch.Tensor:
         """The matrix of redraw number `count`, a pure function of (seed, count)."""
         generator = torch.Generator().manual_seed(int(self.seed) + _SEED_STRIDE * count)
-        return gaussian_orthogonal(self.rows, self.dim, generator)
+        return gaussian_orthogonal(self.rows, self.dim, generator).to(self.weight.dtype)
 
     @torch.no_grad()
     def on_optimizer_step(self, stats: dict, step: int) -> None:

@@ -270,3 +270,35 @@ def test_backbone_and_head_split_as_transformers_models_have_it(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(backbone(x).last_hidden_state, ours(x, output_hidden_states=True).hidden_states[-1])
         torch.testing.assert_close(causal(x).logits, ours(x).logits)
+
+
+def test_lsh_attention_weights_are_the_ones_it_uses():
+    from layers.attention.common import repeat_kv_heads
+    from layers.attention.lsh import LSHAttention
+
+    torch.manual_seed(0)
+    kind = LSHAttention(8, n_buckets=4, chunk=4)
+    q, k, v = torch.randn(2, 2, 11, 8), torch.randn(2, 1, 11, 8), torch.randn(2, 1, 11, 8)
+    out, weights = kind(q, k, v, causal=True, return_weights=True)
+    torch.testing.assert_close(out, kind(q, k, v, causal=True))
+    _, v_rep = repeat_kv_heads(q, k, v)
+    torch.testing.assert_close(weights @ v_rep, out, atol=1e-6, rtol=1e-5)  # the weights produce the output
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 11))
+    assert bool((weights.triu(1) == 0).all())  # causal
+    assert int((weights > 0).sum(-1).max()) <= 4 + 1  # its chunk plus itself
+
+
+@pytest.mark.parametrize("attention, kwargs", [("performer", {"n_features": 16}), ("lsh", {"n_buckets": 4}),
+                                               ("scatterbrain", {"n_features": 16, "window": 4})])
+def test_a_dense_checkpoint_loaded_with_a_random_projection_kind_initialises_its_buffers(attention, kwargs, tmp_path):
+    torch.manual_seed(0)
+    zoo.load("lm-dense-tiny", **SMALL).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attention=attention, attention_kwargs=kwargs)
+    projections = [m for m in model.modules() if type(m).__name__ == "RandomProjection"]
+    assert projections
+    for projection in projections:  # drawn from its seed, not uninitialised memory
+        assert bool(torch.isfinite(projection.weight).all())
+        torch.testing.assert_close(projection.weight, projection.draw(0))
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, attention=attention, attention_kwargs=kwargs,
+                                                dtype=torch.float16)  # QR has no CPU half kernel: drawn in fp32
+    assert all(m.weight.dtype == torch.float16 for m in half.modules() if type(m).__name__ == "RandomProjection")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,25 +139,83 @@ def build_parser(prog: str = "zoo train") -> argparse.ArgumentParser:
     return parser
 
 
+def read_config_file(path: Path) -> tuple[dict, dict[str, int]]:
+    """The settings of a --config YAML/JSON file and the line of each (YAML); bad syntax names file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text ({err})") from err
+    lines: dict[str, int] = {}
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+            node = yaml.compose(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            why = getattr(err, "problem", None) or err
+            raise ValueError(f"--config {path}{where}: not valid YAML ({why})") from err
+        if isinstance(node, yaml.MappingNode):
+            lines = {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings (e.g. batch_size: 32), "
+                         f"got {type(values).__name__}")
+    return values, lines
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_types(values: dict, where: dict[str, str]) -> None:
+    """Raise a ValueError naming the first setting whose value has the wrong type for its TrainConfig field."""
+    defaults = TrainConfig()
+    for key, value in values.items():
+        default = getattr(defaults, key)
+        if key == "data":
+            ok = value is None or isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))
+            allowed = "a path, glob or Hub dataset name, or a list of them"
+        elif key == "model_overrides":
+            ok, allowed = isinstance(value, dict), "a mapping of model config fields to values"
+        elif key == "betas":
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+            allowed = "a list of two numbers, e.g. [0.9, 0.95]"
+        elif isinstance(default, bool):
+            ok, allowed = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, allowed = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, allowed = _is_number(value), "a finite number"
+        else:
+            ok, allowed = value is None or isinstance(value, str), "a string"
+        if not ok:
+            raise ValueError(f"{where[key]}: {key} = {value!r} ({type(value).__name__}) is invalid: must be {allowed}")
+
+
 def parse_args(argv: list[str] | None, prog: str = "zoo train") -> TrainConfig:
     """TrainConfig from argv: defaults < --config file < command-line flags."""
     args = build_parser(prog).parse_args(argv)
     values: dict = {}
     if args.config:
         path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+        values, lines = read_config_file(path)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
+        check_types(values, {key: f"--config {path}" + (f":{lines[key]}" if key in lines else "") for key in values})
     for key, value in vars(args).items():
         if key in ("config",) or value is None:
             continue

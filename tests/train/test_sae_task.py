@@ -85,9 +85,12 @@ def test_a_resumed_sae_run_continues_exactly(source_lm, tmp_path):
 
 def test_zoo_eval_on_sae_checkpoints_reports_every_budget_and_plots(source_lm, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    folders = {}
-    for name, fields in {"hier": dict(kind="hierarchical_topk", k=8, k_min=1),
-                         "topk2": dict(kind="topk", k=2), "topk8": dict(kind="topk", k=8)}.items():
+    # The hierarchical SAE is trained (20 steps): only then must a larger budget reconstruct better.
+    hier_args = sae_args(source_lm, tmp_path / "hier-run", "sae-hier-topk-tiny", "--set", "k=8", "--set", "k_min=1",
+                         "--steps", "20", "--eval-every", "20", "--lr", "1e-2")
+    folders = {"hier": Path(Trainer(parse_args(hier_args)).run()["final"])}
+    capsys.readouterr()  # the training log
+    for name, fields in {"topk2": dict(kind="topk", k=2), "topk8": dict(kind="topk", k=8)}.items():
         torch.manual_seed(0)
         sae = load("sae-topk-tiny", d_in=D, d_sae=64, hook_point="blocks.1", source_model=str(source_lm),
                    context_size=32, **fields)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from models.lm import checkpoint_key
 from train.convert import main as convert
 from zoo import load
 from zoo.convert import CONVERTERS
@@ -41,7 +42,9 @@ def test_monarch_conversion_loads_and_reports_the_error_of_each_projection(dense
     assert (model.config.linear, model.config.linear_kwargs, model.config.linear_targets) == (
         "monarch", {"nblocks": 4}, layers)
     errors = report["relative_frobenius_error"]
-    assert sorted(errors) == sorted(n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in converted)
+    # the report names projections as checkpoints do ("blocks.0.mlp.up", without the backbone's "model.")
+    assert sorted(errors) == sorted(checkpoint_key(n) for n, _ in model.named_modules()
+                                    if n.rsplit(".", 1)[-1] in converted)
     for name, error in errors.items():
         weight = source.get_submodule(name).weight
         structured = model.get_submodule(name)

@@ -65,10 +65,10 @@ def convert_linears(model: nn.Module, kind: str, kind_kwargs: dict, layers: str,
                               "zoo_name": None}, where=f"conversion to {kind}")
     converted = type(model)(new_config)
     names = projections(model, layers)
-    kept = {key: value for key, value in model.state_dict().items()
-            if not any(key.startswith(name + ".") for name in names)}
+    prefixes = [model.module_key(name) + "." for name in names]  # the state dict's names of those modules
+    kept = {key: value for key, value in model.state_dict().items() if not key.startswith(tuple(prefixes))}
     missing, unexpected = converted.load_state_dict(kept, strict=False)
-    stray = [key for key in missing if not any(key.startswith(name + ".") for name in names)]
+    stray = [key for key in missing if not key.startswith(tuple(prefixes))]
     if stray or unexpected:
         raise ValueError(f"conversion to {kind}: tensors that do not match between the models: "
                          f"missing {stray[:8]}, unexpected {unexpected[:8]}")

@@ -21,9 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from models.losses import next_token_loss
 from train.activations import edit_activation
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
@@ -94,7 +94,7 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[torch.Tensor], k: i
 
 def _ce_sum(lm: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> float:
     logits = lm(input_ids=ids).logits
-    return float(F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum"))
+    return float(next_token_loss(logits, targets, shifted=True, reduction="sum"))
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def ce_metrics(lm: nn.Module, sae: nn.Module, hook_point: str, token_batches: It
     count = 0
     for block in token_batches:
         block = block.to(device)
-        ids, targets = block[:, :-1], block[:, 1:].flatten()
+        ids, targets = block[:, :-1], block[:, 1:]
 
         totals["ce_clean"] += _ce_sum(lm, ids, targets)
         with edit_activation(lm, hook_point, spliced):

@@ -47,6 +47,10 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, quota, I/O error); the message names the folder and why."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """The weights to save hold NaN or infinite values: such a checkpoint is never written."""
+
+
 @dataclass(frozen=True)
 class TrainState:
     """What a training loop needs, besides the restored objects, to resume."""
@@ -78,13 +82,17 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     exists = f"checkpoint {final} already exists; it is never overwritten"
+    weights = _unshared(model.state_dict())
+    if bad := nonfinite_tensors(weights):  # before anything is written: it must not count toward keep_last
+        raise NonFiniteWeightsError(f"not saving the checkpoint of step {step} in {root}: the weights hold NaN "
+                                    f"or infinite values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     if final.exists():
         problem = _problem(final)
         if problem is None:
             raise FileExistsError(exists)
         _set_aside(final, problem)  # a corrupt folder under this name must not stop the run
     # What to write, gathered first: the RNG before anything else could draw from it.
-    contents: dict[str, Any] = {"rng.pt": _rng_state(), "model.safetensors": _unshared(model.state_dict())}
+    contents: dict[str, Any] = {"rng.pt": _rng_state(), "model.safetensors": weights}
     if optimizer is not None:
         contents["optimizer.pt"] = optimizer.state_dict()
     if scheduler is not None:
@@ -117,7 +125,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk shows as any of these
-        error = _write_error(e, root, writing, step)
+        error = write_error(e, root, writing, f"the checkpoint of step {step}")
         shutil.rmtree(tmp, ignore_errors=True)
         raise error from e
     except BaseException:
@@ -145,8 +153,9 @@ def clean_stale_temp(run_dir: str | os.PathLike) -> list[Path]:
     """Delete the temp folders of saves whose process is gone, and return them.
 
     A save builds its folder as ``.tmp-<name>-<pid>``, in ``run_dir/checkpoints`` (checkpoints, and
-    checkpoints being pruned) or in ``run_dir`` itself (the trainer's final checkpoint); one whose process
-    no longer runs was left by a crash (SIGKILL, full disk) and is never renamed into place.
+    checkpoints being pruned) or in ``run_dir`` itself (the trainer's final checkpoint, and the temp file
+    of a metrics.jsonl rewrite); one whose process no longer runs was left by a crash (SIGKILL, full disk)
+    and is never renamed into place.
     """
     run_dir = Path(run_dir)
     removed = []
@@ -155,8 +164,11 @@ def clean_stale_temp(run_dir: str | os.PathLike) -> list[Path]:
             continue
         for path in sorted(parent.iterdir()):
             match = _TEMP_DIR.match(path.name)
-            if match and path.is_dir() and not path.is_symlink() and not _is_running(int(match.group(1))):
-                shutil.rmtree(path, ignore_errors=True)
+            if match and not path.is_symlink() and not _is_running(int(match.group(1))):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 logger.warning("removed %s, left by an interrupted save (process %s is gone)", path, match.group(1))
                 removed.append(path)
     return removed
@@ -348,8 +360,14 @@ def _write(path: Path, obj: Any) -> None:
     _fsync(path)
 
 
-def _write_error(error: BaseException, root: Path, writing: str, step: int) -> CheckpointWriteError:
-    """The CheckpointWriteError for an error raised while writing a checkpoint: disk full or not, and where."""
+def nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in state_dict.items()
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
+def write_error(error: BaseException, root: Path, writing: str, what: str) -> CheckpointWriteError:
+    """The CheckpointWriteError for an error raised while writing `what` into `root`: disk full or not, and where."""
     codes = {errno.ENOSPC, errno.EDQUOT}
     chain, e = [], error
     while e is not None and len(chain) < 10:
@@ -361,10 +379,11 @@ def _write_error(error: BaseException, root: Path, writing: str, step: int) -> C
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(root).free < 1 << 20
     why = "no space left on device" if full else f"{type(error).__name__}"
-    message = (f"could not save the checkpoint of step {step} in {root}: {why} (writing {writing}: {error}). "
-               f"Nothing was saved for step {step}; earlier checkpoints are untouched. "
+    run_dir = root.parent if root.name == "checkpoints" else root
+    message = (f"could not save {what} in {root}: {why} (writing {writing}: {error}). "
+               f"Nothing of it was kept; earlier checkpoints are untouched. "
                + ("Free some space" if full else "Fix the cause")
-               + f", then continue with --resume {root.parent}")
+               + f", then continue with --resume {run_dir}")
     result = CheckpointWriteError(message)
     result.errno = errno.ENOSPC if full and code not in codes else code
     return result

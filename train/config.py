@@ -40,6 +40,7 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available, else cpu
     val_fraction: float = 0.05
     log_every: int = 10
+    force_download: bool = False  # download a Hub --model again even if cached (repairs a damaged cache)
 
     def __post_init__(self):
         checks = [
@@ -96,6 +97,7 @@ HELP = {
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
     "val_fraction": "fraction of the corpus held out for validation",
     "log_every": "print and log metrics every N steps",
+    "force_download": "download a Hub --model again even if it is cached (repairs a damaged cache)",
 }
 
 

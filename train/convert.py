@@ -20,6 +20,7 @@ def _option(text: str) -> tuple[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Convert, evaluate, save (and optionally fine-tune); prints a JSON report."""
+    from zoo.cli import add_hub_flags
     from zoo.convert import CONVERTERS
 
     parser = argparse.ArgumentParser(prog="zoo convert", description=__doc__,
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=0, help="fine-tune this many steps afterwards")
     parser.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
     parser.add_argument("--seq-len", type=int, default=None, help="evaluation sequence length")
+    add_hub_flags(parser)
     args = parser.parse_args(argv)
     if args.to not in CONVERTERS:
         raise ValueError(f"--to {args.to!r}: known conversions are {sorted(CONVERTERS)}")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.evaluate import evaluate_lm
     from zoo import load
 
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, force_download=args.force_download)
     seq_len = args.seq_len or min(model.config.max_seq_len, 256)
     data = load_token_data(None, seq_len=seq_len)
     before = evaluate_lm(model, data, 16, args.eval_batches)["val_loss"]

@@ -9,6 +9,7 @@ import math
 import torch
 
 from models.losses import next_token_loss
+from zoo.cli import add_hub_flags, load_model
 
 
 @torch.no_grad()
@@ -44,16 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-batches", type=int, default=0, help="0: the whole validation split")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="must match the training run's")
+    add_hub_flags(parser)
     args, extra = parser.parse_known_args(argv)  # an SAE checkpoint takes more flags (train.sae_eval)
 
     from train.data import load_token_data
-    from zoo import load
 
-    model = load(args.model)
+    model = load_model(args)
     if model.config.model_type == "zoo_sae":
         from train.sae_eval import main as evaluate_sae
 
-        return evaluate_sae(argv, model=model)
+        # Its own parser reads the rest of the flags; --force-download was spent on loading the SAE.
+        return evaluate_sae([a for a in argv or [] if a != "--force-download"], model=model)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     seq_len = args.seq_len or min(model.config.max_seq_len, 256)

@@ -18,11 +18,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
 
 from models.base import merge_step_stats, stat_reduction
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    CheckpointWriteError,
+    clean_stale_temp,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_error,
+)
 from train.config import TrainConfig
 from train.mfu import measure_matmul_flops, mfu
 from train.tasks import family_of
@@ -88,7 +96,7 @@ class Trainer:
             raise ValueError(f"the per-rank batch {cfg.batch_size // self.world} does not divide into "
                              f"--grad-accum {cfg.grad_accum} micro-batches")
         torch.manual_seed(cfg.seed)  # fresh weights are a function of the seed, the same on every rank
-        self.model = load(cfg.model, **cfg.model_overrides)
+        self.model = load(cfg.model, force_download=cfg.force_download, **cfg.model_overrides)
         self.family = family_of(self.model)  # all the trainer knows of the model's family
         self.task = self.family.make_task(cfg, self.model)  # batches, loss, step hook and evaluation
         self.model.to(self.device).train()
@@ -96,6 +104,8 @@ class Trainer:
         self.step_done = 0
         self.last_checkpoint: Path | None = None
         self.metrics: dict = {}
+        if self.is_main:
+            clean_stale_temp(self.run_dir)  # what crashed saves of earlier runs left (SIGKILL, full disk)
         resume_from = self._find_resume_point(Path(cfg.resume)) if cfg.resume else None
         if self.fsdp:
             # fully_shard replaces the parameters by shards: restore whole weights before sharding,
@@ -237,14 +247,23 @@ class Trainer:
     def checkpoint(self) -> None:
         """Save a resumable checkpoint of the state after self.step_done steps (rank 0 writes)."""
         model = self._unsharded_model()  # collective under FSDP: every rank takes part
+        error: BaseException | None = None
         if self.is_main:
-            # Under FSDP the optimizer state is sharded; it is not saved (resume restarts the moments).
-            self.last_checkpoint = save_checkpoint(
-                self.run_dir, self.step_done, model=model, optimizer=None if self.fsdp else self.optimizer,
-                scheduler=self.scheduler, data_state={"next_step": self.step_done, "seed": self.cfg.seed},
-                config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()},
-                metrics=self.metrics, keep_last=self.cfg.keep_last)
-        self._barrier()
+            try:
+                # Under FSDP the optimizer state is sharded; it is not saved (resume restarts the moments).
+                self.last_checkpoint = save_checkpoint(
+                    self.run_dir, self.step_done, model=model, optimizer=None if self.fsdp else self.optimizer,
+                    scheduler=self.scheduler, data_state={"next_step": self.step_done, "seed": self.cfg.seed},
+                    config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()},
+                    metrics=self.metrics, keep_last=self.cfg.keep_last)
+            except Exception as err:  # noqa: BLE001 -- every rank must learn of it, then it is raised
+                error = err
+        # In place of a barrier: every rank learns whether rank 0 saved, so none waits for a rank that died.
+        if self._any_rank(error is not None) and error is None:
+            raise CheckpointWriteError(f"rank 0 could not save the checkpoint of step {self.step_done} "
+                                       f"in {self.run_dir}; its error says why")
+        if error is not None:
+            raise error
 
     def save_final(self, model: nn.Module, summary: dict) -> Path:
         """Write the Hub checkpoint (config, safetensors, model card) to RUN/final, atomically."""
@@ -259,14 +278,18 @@ class Trainer:
             "final metrics": {k: round(v, 5) for k, v in summary.items()
                               if k in ("loss", "val_loss", "val_ppl", "tokens_per_s") and v is not None},
         }
-        model.save_pretrained(tmp, training=training)
-        if final.exists():
-            old = self.run_dir / f".old-final-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        try:
+            model.save_pretrained(tmp, training=training)
+            if final.exists():
+                old = self.run_dir / f".tmp-old-final-{os.getpid()}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
+        except (OSError, RuntimeError, SafetensorError) as err:  # a full disk shows as any of these
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(err, self.run_dir, str(final), "the final checkpoint") from err
         return final
 
     # ---- logging -------------------------------------------------------------------------------
@@ -321,9 +344,13 @@ class Trainer:
             dist.all_reduce(stats[name], op=ops[stat_reduction(name)])
         return stats
 
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (a collective: every rank calls it at the same point)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _unsharded_model(self) -> nn.Module:
         """The model with whole weights: itself, or under FSDP a copy built from the gathered weights."""
@@ -345,12 +372,7 @@ class Trainer:
             _say("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
 
     def _should_stop(self) -> bool:
-        flag = self.stop_requested
-        if self.world > 1:  # every rank must stop at the same step
-            t = torch.tensor([float(flag)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+        return self._any_rank(self.stop_requested)  # every rank must stop at the same step
 
 
 class _null:

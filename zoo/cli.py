@@ -39,16 +39,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def load_model(args: argparse.Namespace):
-    """zoo.load(args.model), passing --force-download; an unreadable Hub checkpoint's error names the flag."""
-    from zoo import hub
+    """zoo.load(args.model), passing --force-download (an unreadable Hub checkpoint's error names the flag)."""
     from zoo.loading import load
 
-    try:
-        return load(args.model, force_download=args.force_download)
-    except ValueError as err:
-        if args.force_download or not hub.is_repo_id(args.model):
-            raise
-        raise ValueError(f"{err}\n({hub.REDOWNLOAD_HINT})") from err
+    return load(args.model, force_download=args.force_download)
 
 
 def add_hub_flags(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `zoo` console script."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
+    from safetensors import SafetensorError
+
     try:
         if command in TRAINER_COMMANDS:
             import importlib
@@ -134,9 +130,25 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(TRAINER_COMMANDS[command][0]).main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError, SafetensorError) as err:  # bad input, a missing file, a failed write
         print(f"zoo {command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_WRITE_FAILED if _is_write_error(err) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"zoo {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+EXIT_BAD_INPUT, EXIT_WRITE_FAILED = 2, 4  # as `zoo train` (train/pretrain.py)
+
+
+def _is_write_error(err: BaseException) -> bool:
+    """A checkpoint that could not be written (the trainer's error), or a full disk / quota."""
+    import errno
+
+    from train.checkpoint import CheckpointWriteError  # the CLI may import train inside a command
+
+    return (isinstance(err, CheckpointWriteError) or getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or "No space left on device" in str(err))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def load(name_or_path: str, *, revision: str | None = None, force_download: bool
     """Build a model from a catalog name (fresh weights), a checkpoint folder, or a Hub repo id.
 
     Keyword overrides replace config fields (validated), e.g. `load("lm-dense-tiny", n_layers=2)`.
+    A Hub checkpoint is served from the local cache when it is there; `force_download=True` fetches it
+    again (the error for an unreadable downloaded checkpoint says so).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -38,7 +40,12 @@ def load(name_or_path: str, *, revision: str | None = None, force_download: bool
         if not hub.is_repo_id(str(name_or_path)):
             raise
         folder = hub.download(str(name_or_path), revision=revision, force_download=force_download)
-        return load_checkpoint(folder, **overrides)
+        try:
+            return load_checkpoint(folder, **overrides)
+        except ValueError as err:  # a damaged cache reads as a damaged checkpoint: say how to fetch it again
+            if force_download or hub.REDOWNLOAD_HINT in str(err):
+                raise
+            raise ValueError(f"{err}\n({hub.REDOWNLOAD_HINT})") from err
     config_cls, model_cls = FAMILIES[entry.family]
     config = make_config(config_cls, {**entry.config, "zoo_name": entry.name}, overrides, where=entry.name)
     return build_model(model_cls, config, where=entry.name).eval()

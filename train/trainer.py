@@ -25,6 +25,7 @@ from tqdm import tqdm
 from models.base import merge_step_stats, stat_reduction
 from train.checkpoint import (
     CheckpointWriteError,
+    NonFiniteWeightsError,
     clean_stale_temp,
     latest_checkpoint,
     load_checkpoint,
@@ -42,7 +43,7 @@ def _say(message: str) -> None:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, the gradient norm or the weights became NaN or infinite; nothing non-finite was applied or saved."""
 
 
 def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -225,19 +226,30 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.detach().float().item() / cfg.grad_accum
             merge_step_stats(stats, out.stats)
         totals = self._mean_over_ranks(totals)
+        # The global gradient norm (the same on every rank: gradients are reduced by now), clipped unless
+        # --grad-clip 0. A non-finite loss or norm stops the run before the update touches the weights.
+        norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf")))
         if not all(math.isfinite(v) for v in totals.values()):
-            where = self.last_checkpoint or "none yet"
-            raise TrainingDiverged(f"the loss is {totals['total_loss']} at step {self.step_done + 1}; nothing was "
-                                   f"saved after it. Last good checkpoint: {where}. Lower --lr or raise "
-                                   f"--warmup-steps, then --resume {self.run_dir}")
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+            self._diverged(f"the loss is {totals['total_loss']}")
+        if not math.isfinite(norm):
+            self._diverged(f"the gradient norm is {norm} (the loss is finite, {totals['total_loss']:.4g})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # The step hook: once per optimizer step, with the statistics of the whole global batch.
         extra = self.task.after_step(self.model, self.optimizer, self._reduce_over_ranks(stats), self.step_done + 1)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return {"step": self.step_done + 1, **totals, "grad_norm": float(norm), "lr": lr, **(extra or {})}
+        return {"step": self.step_done + 1, **totals, "grad_norm": norm, "lr": lr, **(extra or {})}
+
+    def _diverged(self, what: str, step: int | None = None):
+        """Raise TrainingDiverged at `step` (default: the one being taken), naming the last checkpoint (finite)."""
+        if step is None:
+            step, done = self.step_done + 1, "the update was not applied"
+        else:
+            done = "it was not saved"
+        where = self.last_checkpoint or "none yet"
+        raise TrainingDiverged(f"{what} at step {step}; {done}, and nothing non-finite was saved. Last good "
+                               f"checkpoint: {where}. Lower --lr or raise --warmup-steps, then --resume {self.run_dir}")
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity (every rank computes the same numbers)."""
@@ -259,11 +271,15 @@ class Trainer:
             except Exception as err:  # noqa: BLE001 -- every rank must learn of it, then it is raised
                 error = err
         # In place of a barrier: every rank learns whether rank 0 saved, so none waits for a rank that died.
-        if self._any_rank(error is not None) and error is None:
-            raise CheckpointWriteError(f"rank 0 could not save the checkpoint of step {self.step_done} "
-                                       f"in {self.run_dir}; its error says why")
+        code = 0 if error is None else 2 if isinstance(error, NonFiniteWeightsError) else 1
+        code = self._max_over_ranks(code)
+        if code == 2:  # the weights went bad after the last finite checkpoint (an update or the step hook)
+            self._diverged(f"the weights became non-finite ({error or 'on rank 0'})", step=self.step_done)
         if error is not None:
             raise error
+        if code:
+            raise CheckpointWriteError(f"rank 0 could not save the checkpoint of step {self.step_done} "
+                                       f"in {self.run_dir}; its error says why")
 
     def save_final(self, model: nn.Module, summary: dict) -> Path:
         """Write the Hub checkpoint (config, safetensors, model card) to RUN/final, atomically."""
@@ -344,13 +360,13 @@ class Trainer:
             dist.all_reduce(stats[name], op=ops[stat_reduction(name)])
         return stats
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether `flag` is true on any rank (a collective: every rank calls it at the same point)."""
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest of the ranks' values (a collective: every rank calls it at the same point)."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
+            return value
+        t = torch.tensor([float(value)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def _unsharded_model(self) -> nn.Module:
         """The model with whole weights: itself, or under FSDP a copy built from the gathered weights."""
@@ -372,7 +388,7 @@ class Trainer:
             _say("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
 
     def _should_stop(self) -> bool:
-        return self._any_rank(self.stop_requested)  # every rank must stop at the same step
+        return bool(self._max_over_ranks(int(self.stop_requested)))  # every rank must stop at the same step
 
 
 class _null:

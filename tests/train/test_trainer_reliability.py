@@ -95,3 +95,81 @@ def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_hanging(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])})
     assert done.returncode != 0
     assert "no space left on device" in done.stderr and "rank 0 could not save" in done.stderr
+
+
+# ---- item 3: no non-finite update is applied, no non-finite checkpoint written ---------------------------
+
+class NaNGradient(torch.autograd.Function):
+    """The identity whose backward pass returns NaN: a finite loss with a NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_from_call(monkeypatch, first: int) -> None:
+    import train.tasks as tasks
+
+    real, calls = tasks.lm_loss, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = real(model, batch)
+        if calls["n"] >= first:
+            out.loss = NaNGradient.apply(out.loss)
+        return out
+
+    monkeypatch.setattr(tasks, "lm_loss", poisoned)
+
+
+def finite(path: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
+    from train.trainer import TrainingDiverged
+
+    poison_from_call(monkeypatch, first=6)  # step 6 has a NaN gradient; step 6 is also a checkpoint step
+    trainer = Trainer(parse_args(args(tmp_path / "run", "--steps", "20", "--checkpoint-every", "3",
+                                      "--keep-last", "1")))
+    with pytest.raises(TrainingDiverged, match=r"gradient norm is nan .*at step 6;.*step-000003"):
+        trainer.run()
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == ["step-000003"], "the good checkpoint was not pruned by a bad one"
+    assert finite(tmp_path / "run" / "checkpoints" / "step-000003")
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the update was not applied"
+
+
+def test_weights_made_non_finite_by_the_step_hook_are_never_saved(tmp_path, monkeypatch):
+    from train.tasks import LMTask
+    from train.trainer import TrainingDiverged
+
+    real = LMTask.after_step
+
+    def breaks_a_weight(self, model, optimizer, stats, step):
+        if step == 4:
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = float("inf")
+        return real(self, model, optimizer, stats, step)
+
+    monkeypatch.setattr(LMTask, "after_step", breaks_a_weight)
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite.*at step 4.*step-000002"):
+        Trainer(parse_args(args(tmp_path / "run", "--steps", "20", "--checkpoint-every", "2",
+                                "--keep-last", "1"))).run()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_save_checkpoint_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight[1, 2] = float("nan")
+    with pytest.raises(checkpoint.NonFiniteWeightsError, match="weight"):
+        checkpoint.save_checkpoint(tmp_path, 1, model=model, optimizer=None, scheduler=None, data_state={},
+                                   config={}, metrics={})
+    assert not (tmp_path / "checkpoints").exists()

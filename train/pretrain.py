@@ -8,6 +8,7 @@ Every error is one line on stderr, without a traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -15,22 +16,12 @@ import threading
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived before the training loop took over the signal (nothing to save yet)."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, train, print the summary; the exit code says how it went (see the module docstring)."""
     prog = "zoo train" if argv is not None else "python -m train.pretrain"
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    trainer = None
+    run: dict = {}  # the Trainer, once there is one: what the signal handlers report
+    previous = _stop_outside_the_loop(prog, run)
     try:
-        # Imported here, inside the try: a Ctrl-C while torch loads is a startup interrupt like any other.
         import torch.distributed as dist
 
         from train.checkpoint import CheckpointWriteError
@@ -40,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = parse_args(argv, prog=prog)
-            trainer = Trainer(cfg)
-            summary = trainer.run()
+            run["trainer"] = Trainer(cfg)
+            summary = run["trainer"].run()
         except TrainingDiverged as err:
             print(f"{prog}: training stopped: {err}", file=sys.stderr)
             return EXIT_DIVERGED
@@ -51,16 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError, RunFolderLocked) as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:  # a second Ctrl-C in the loop (the first one saves and returns)
+            print(f"{prog}: Ctrl-C {_where(run.get('trainer'), again=True)}", file=sys.stderr)
+            return 128 + signal.SIGINT
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    except KeyboardInterrupt:
-        return _interrupted(prog, trainer, signal.SIGINT)
-    except Terminated:
-        return _interrupted(prog, trainer, signal.SIGTERM)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if summary.get("interrupted"):
         return 128 + summary.get("signal", signal.SIGINT)
     if "final" in summary:
@@ -70,16 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted(prog: str, trainer, signum: int) -> int:
-    """One line for a Ctrl-C / SIGTERM that aborted startup (or a second one that aborted a save); 128 + signum."""
-    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    last = getattr(trainer, "last_checkpoint", None)
-    if trainer is None or not getattr(trainer, "started", False):
-        print(f"{prog}: {name} before the first step: stopped, nothing was saved", file=sys.stderr)
-    else:
-        saved = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
-        print(f"{prog}: aborted by a second {name}: {saved}", file=sys.stderr)
-    return 128 + signum
+def _stop_outside_the_loop(prog: str, run: dict) -> dict:
+    """Handle Ctrl-C / SIGTERM outside the training loop (which takes them over while it runs): one line on
+    stderr, exit 128 + signal at once. Nothing is being saved then but the atomic final checkpoint, whose
+    temp folder the next start removes; raising instead could land inside an import, which would turn it
+    into an ImportError with a traceback. Returns the handlers it replaced (an ignored signal stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{prog}: {name} {_where(run.get('trainer'))}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, stop)
+    return previous
+
+
+def _where(trainer, again: bool = False) -> str:
+    """What a stop signal interrupted, and what was saved."""
+    if trainer is None or not trainer.started:
+        return "before the first step: stopped, nothing was saved"
+    if again:
+        return f"again: stopped at once; the last checkpoint is {trainer.last_checkpoint or 'none'}"
+    return (f"while writing the final checkpoint: stopped; the last resumable checkpoint is "
+            f"{trainer.last_checkpoint}, and --resume {trainer.run_dir} writes the final one")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +35,7 @@ from train.checkpoint import (
 )
 from train.config import TrainConfig
 from train.mfu import measure_matmul_flops, mfu
+from train.run_folder import LOG_FILE, RunFolderLocked, RunLock, truncate_log
 from train.tasks import family_of
 
 
@@ -105,6 +107,16 @@ class Trainer:
         self.step_done = 0
         self.last_checkpoint: Path | None = None
         self.metrics: dict = {}
+        self.started = False  # the loop has begun: signals save a checkpoint from then on
+        self.lock = self._lock_run_folder()  # before anything in the folder is read or written
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, cfg: TrainConfig) -> None:
+        """Resume point, sharding, optimizer, scheduler, restored state, DDP / compile wrappers."""
         if self.is_main:
             clean_stale_temp(self.run_dir)  # what crashed saves of earlier runs left (SIGKILL, full disk)
         resume_from = self._find_resume_point(Path(cfg.resume)) if cfg.resume else None
@@ -132,13 +144,31 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        self.stop_requested = False
+        self.stop_requested: int = 0  # the number of the signal that asked to stop
+
+    def close(self) -> None:
+        """Release the run folder (also done at the end of `run` and when the Trainer is dropped)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ---- setup -------------------------------------------------------------------------------
+    def _lock_run_folder(self) -> RunLock | None:
+        """Rank 0 locks the run folder for the life of the run; every rank learns whether it could."""
+        lock, error = None, None
+        if self.is_main:
+            try:
+                lock = RunLock(self.run_dir)
+            except RunFolderLocked as err:
+                error = err
+        if self._max_over_ranks(int(error is not None)):
+            raise error or RunFolderLocked(f"rank 0 could not lock the run folder {self.run_dir}; its error says why")
+        return lock
+
     def _find_resume_point(self, run_dir: Path) -> Path | None:
         path = latest_checkpoint(run_dir)
         if path is None and self.is_main:
             _say(f"--resume {run_dir}: no valid checkpoint there; starting from step 0")
+            truncate_log(self.run_dir, 0)  # the steps logged by the run that saved nothing start again
         return path
 
     def _restore(self, path: Path, with_optimizer: bool) -> None:
@@ -148,24 +178,35 @@ class Trainer:
         self.metrics = dict(state.metrics)
         self.last_checkpoint = path
         if self.is_main:
-            self._truncate_log(state.step)
+            truncate_log(self.run_dir, state.step)
             _say(f"resumed from {path} (step {state.step})"
                  + ("" if with_optimizer else "; under --fsdp the AdamW moments start afresh"))
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train to cfg.steps, evaluating, checkpointing and logging on the way; returns the summary."""
+        """Train to cfg.steps, evaluating, checkpointing and logging on the way; returns the summary.
+
+        Ctrl-C or SIGTERM (what Slurm and Kubernetes send before a kill) finishes the step, saves a
+        checkpoint and returns {"interrupted": True, "signal": number}; a second one stops at once.
+        """
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.wandb = self._start_wandb() if cfg.wandb_project and self.is_main else None
         peak = measure_matmul_flops(self.device) if self.is_main else 0.0
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
         bar = tqdm(total=cfg.steps, initial=self.step_done, disable=not self.is_main, dynamic_ncols=True,
                    desc=Path(cfg.model).name, unit="step")
         tokens_per_step = self.task.items_per_step
         start_step, start_time = self.step_done, time.perf_counter()
+        self.started = True
         try:
             while self.step_done < cfg.steps:
                 record = self.step()
@@ -181,15 +222,18 @@ class Trainer:
                 bar.update(1)
                 if self.step_done % cfg.checkpoint_every == 0 or self.step_done == cfg.steps:
                     self.checkpoint()
-                if self._should_stop():
+                if signum := self._stop_signal():
                     if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step_done:06d}"):
                         self.checkpoint()
                     if self.is_main:
-                        _say(f"interrupted: saved {self.last_checkpoint}; continue with --resume {self.run_dir}")
-                    return {"interrupted": True, "step": self.step_done, "checkpoint": str(self.last_checkpoint)}
+                        _say(f"{_signal_name(signum)}: saved {self.last_checkpoint}; exiting with code "
+                             f"{128 + signum}; continue with --resume {self.run_dir}")
+                    return {"interrupted": True, "signal": signum, "step": self.step_done,
+                            "checkpoint": str(self.last_checkpoint)}
         finally:
             bar.close()
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         elapsed = time.perf_counter() - start_time
         tokens_per_s = (self.step_done - start_step) * tokens_per_step / max(elapsed, 1e-9)
         if self.is_main:  # measured again at the end: one 0.5 s window can fall on a busy moment
@@ -312,21 +356,13 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}  # lists stay in the file
         if "step" in record and (record["step"] % self.cfg.log_every == 0 or "val_loss" in record):
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
         if self.wandb is not None and "step" in record:
             self.wandb.log(scalars, step=record["step"])
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines of steps after `step` (written by the run that crashed before its next checkpoint)."""
-        log = self.run_dir / "metrics.jsonl"
-        if log.exists():
-            keep = [line for line in log.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step and "summary" not in json.loads(line)]
-            log.write_text("".join(line + "\n" for line in keep))
 
     def _start_wandb(self):
         import wandb
@@ -380,15 +416,27 @@ class Trainer:
             copy.load_state_dict(full)
         return copy
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        """Ctrl-C / SIGTERM: stop after this step with a checkpoint; a second one stops at once."""
+        name = _signal_name(signum)
+        if self.stop_requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            _say(f"a second {name}: stopping now without saving (the last checkpoint is "
+                 f"{self.last_checkpoint or 'none'})")
+            raise SystemExit(128 + signum)
+        self.stop_requested = signum
         if self.is_main:
-            _say("Ctrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to abort)")
+            _say(f"{name}: finishing this step, saving a checkpoint and exiting with code {128 + signum} "
+                 f"({name} again to stop at once)")
 
-    def _should_stop(self) -> bool:
-        return bool(self._max_over_ranks(int(self.stop_requested)))  # every rank must stop at the same step
+    def _stop_signal(self) -> int:
+        """The signal that asked this run to stop (on any rank), or 0: every rank stops at the same step."""
+        return self._max_over_ranks(int(self.stop_requested))
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 class _null:

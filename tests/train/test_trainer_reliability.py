@@ -2,10 +2,14 @@
 settings, the metrics log, two trainers on one folder, SIGTERM and Ctrl-C."""
 
 import errno
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +177,132 @@ def test_save_checkpoint_refuses_non_finite_weights_and_writes_nothing(tmp_path)
         checkpoint.save_checkpoint(tmp_path, 1, model=model, optimizer=None, scheduler=None, data_state={},
                                    config={}, metrics={})
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ---- item 5: metrics.jsonl on resume ---------------------------------------------------------------------
+
+def steps_logged(run: Path) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "step" in r]
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning_on_resume(tmp_path):
+    run = tmp_path / "run"
+    Trainer(parse_args(args(run, "--steps", "4", "--checkpoint-every", "2"))).run()
+    shutil.rmtree(run / "checkpoints" / "step-000004")  # as if killed before the last checkpoint
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 5.1, "lr"')  # a write cut short by a full disk
+    with pytest.warns(UserWarning, match="dropped 1 unreadable line"):
+        Trainer(parse_args(args(run, "--steps", "5", "--checkpoint-every", "2", "--resume", str(run)))).run()
+    assert steps_logged(run) == [1, 2, 3, 4, 5]
+
+
+def test_a_resume_that_finds_no_checkpoint_logs_each_step_once(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0}) + "\n" for s in (1, 2, 3)))
+    Trainer(parse_args(args(run, "--steps", "4", "--resume", str(run)))).run()
+    assert steps_logged(run) == [1, 2, 3, 4]
+
+
+def test_the_log_rewrite_is_atomic(tmp_path, monkeypatch):
+    from train import run_folder
+
+    log = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"step": s}) + "\n" for s in range(1, 101))
+    log.write_text(text)
+
+    def killed(fd):
+        raise KeyboardInterrupt  # the process dies after writing the new log, before the rename
+
+    monkeypatch.setattr(run_folder.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.truncate_log(tmp_path, 50)
+    assert log.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    monkeypatch.undo()
+    run_folder.truncate_log(tmp_path, 50)
+    assert steps_logged(tmp_path) == list(range(1, 51))
+
+
+# ---- item 7: one trainer per run folder ------------------------------------------------------------------
+
+def test_a_second_trainer_on_a_run_folder_fails_at_once_naming_the_holder(tmp_path, capsys):
+    import socket
+
+    from train.run_folder import RunFolderLocked
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from train.run_folder import RunLock
+        lock = RunLock({str(run)!r})
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderLocked, match=rf"process {holder.pid} on host {socket.gethostname()}"):
+            Trainer(parse_args(args(run, "--steps", "1")))
+        assert main(["train", *args(run, "--steps", "1")]) == 2
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(parse_args(args(run, "--steps", "1"))).run()  # the kernel dropped the dead holder's lock
+
+
+def test_the_lock_is_held_by_a_live_trainer_and_released_by_its_run(tmp_path):
+    from train.run_folder import RunFolderLocked
+
+    first = Trainer(parse_args(args(tmp_path / "run", "--steps", "1")))
+    with pytest.raises(RunFolderLocked, match=f"process {os.getpid()}"):
+        Trainer(parse_args(args(tmp_path / "run", "--steps", "1")))
+    first.run()
+    Trainer(parse_args(args(tmp_path / "run", "--steps", "2", "--resume", str(tmp_path / "run")))).run()
+
+
+# ---- item 8: SIGTERM and Ctrl-C ------------------------------------------------------------------------
+
+def train_process(run: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train.pretrain", *args(run, *extra)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stderr.read()}"
+        assert time.time() - start < timeout, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    run = tmp_path / "run"
+    proc = train_process(run, "--steps", "100000", "--checkpoint-every", "10")
+    wait_for(run / "checkpoints" / "step-000010", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = checkpoint.latest_checkpoint(run)
+    assert f"SIGTERM: saved {last}" in err and "exiting with code 143" in err
+    assert steps_logged(run)[-1] == int(last.name.split("-")[1])  # it holds the last step logged
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_startup_exits_with_one_line_and_no_traceback(tmp_path, signum):
+    proc = train_process(tmp_path / "run", "--steps", "100000")
+    time.sleep(1.0)  # still importing torch or building the trainer
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_before_the_first_step_is_exit_130_and_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(self, cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "__init__", interrupted)
+    assert main(["train", *args(tmp_path / "run", "--steps", "1")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "zoo train: Ctrl-C before the first step: stopped, nothing was saved"

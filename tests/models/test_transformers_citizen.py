@@ -302,3 +302,21 @@ def test_a_dense_checkpoint_loaded_with_a_random_projection_kind_initialises_its
     half = AutoModelForCausalLM.from_pretrained(tmp_path, attention=attention, attention_kwargs=kwargs,
                                                 dtype=torch.float16)  # QR has no CPU half kernel: drawn in fp32
     assert all(m.weight.dtype == torch.float16 for m in half.modules() if type(m).__name__ == "RandomProjection")
+
+
+@pytest.mark.parametrize("attention, kwargs", [
+    ("local", {"window": 4}), ("lsh", {"n_buckets": 2, "chunk": 4}), ("performer", {"n_features": 16}),
+    ("scatterbrain", {"n_features": 16, "window": 4})])
+def test_sparse_kinds_generate_with_a_cache_as_without_one(attention, kwargs):
+    """The full recomputation (use_cache=False re-reads the whole sequence each step) is the oracle."""
+    torch.manual_seed(0)
+    ours = zoo.load("lm-dense-tiny", **SMALL, attention=attention, attention_kwargs=kwargs).eval()
+    x = torch.randint(1, 256, (2, 6))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    runs = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            runs.append(ours.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                      use_cache=use_cache))
+    assert torch.equal(runs[0], runs[1])

@@ -469,12 +469,6 @@ class ZooLMForCausalLM(ZooLMPreTrainedModel, GenerationMixin):
     norm = property(lambda self: self.model.norm, doc="The final norm (the backbone's).")
     rotary = property(lambda self: self.model.rotary, doc="The rotary embedding (the backbone's).")
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed = value
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 

@@ -41,6 +41,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     log_every: int = 10
     force_download: bool = False  # download a Hub --model again even if cached (repairs a damaged cache)
+    allow_change: list[str] = field(default_factory=list)  # --resume: settings allowed to differ (FREE_ON_RESUME)
 
     def __post_init__(self):
         checks = [
@@ -53,12 +54,21 @@ class TrainConfig:
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"), ("log_every", self.log_every >= 1, ">= 1"),
         ]
+        # NaN passes no comparison but inf passes "> 0": every float setting must be finite first.
+        floats = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.type == "float"]
+        floats += [("betas", beta) for beta in self.betas]
+        for name, value in floats:
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} = {value!r} is invalid: must be a finite number")
+        checks.append(("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                       "two numbers in [0, 1)"))
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r} is invalid: must be {allowed}")
         if isinstance(self.data, str):
             self.data = [self.data]
         self.betas = tuple(self.betas)
+        self.allow_change = [self.allow_change] if isinstance(self.allow_change, str) else list(self.allow_change)
 
     @property
     def run_dir(self) -> Path:
@@ -98,6 +108,8 @@ HELP = {
     "val_fraction": "fraction of the corpus held out for validation",
     "log_every": "print and log metrics every N steps",
     "force_download": "download a Hub --model again even if it is cached (repairs a damaged cache)",
+    "allow_change": "with --resume: apply this setting or model field although it differs from the checkpoint's "
+                    "(recorded in train_config.json and metrics.jsonl; repeatable)",
 }
 
 
@@ -130,6 +142,8 @@ def build_parser(prog: str = "zoo train") -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", default=None, help=HELP.get(f.name, ""))
         elif f.name == "data":
             parser.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
+        elif f.name == "allow_change":
+            parser.add_argument(flag, action="append", metavar="FIELD", default=None, help=HELP[f.name])
         elif f.name == "betas":
             parser.add_argument(flag, nargs=2, type=float, default=None, help=f"AdamW betas (default {default})")
         else:
@@ -189,6 +203,9 @@ def check_types(values: dict, where: dict[str, str]) -> None:
             ok = value is None or isinstance(value, str) or (
                 isinstance(value, list) and all(isinstance(v, str) for v in value))
             allowed = "a path, glob or Hub dataset name, or a list of them"
+        elif key == "allow_change":
+            ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            allowed = "a setting or model field name, or a list of them"
         elif key == "model_overrides":
             ok, allowed = isinstance(value, dict), "a mapping of model config fields to values"
         elif key == "betas":
@@ -231,3 +248,57 @@ def parse_args(argv: list[str] | None, prog: str = "zoo train") -> TrainConfig:
             value = {**values.get("model_overrides", {}), **pairs}
         values[key] = value
     return TrainConfig(**values)
+
+
+# ---- --resume with other settings ------------------------------------------------------------------------
+
+# Settings a resumed run may change without --allow-change: where and how it runs, what it logs, evaluates
+# and keeps, and when it ends. None changes the steps already taken; a changed --steps moves the end of the
+# cosine schedule, so the learning rate of the remaining steps follows the new end (said when resuming).
+FREE_ON_RESUME = frozenset({"steps", "eval_every", "eval_batches", "checkpoint_every", "keep_last", "log_every",
+                            "wandb_project", "device", "compile", "out"})
+# Not compared: how this start was asked for (not a setting of the training), and model_overrides, compared
+# through the model config they make (the same model may be asked for in two ways).
+_NOT_COMPARED = frozenset({"resume", "allow_change", "force_download", "model_overrides"})
+
+
+def _plain(value):
+    """A value as JSON has it (tuples are lists), so that saved and current settings compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, saved_model: dict, model_config: dict) -> dict[str, tuple]:
+    """{name: (checkpoint's value, this run's value)} for every setting and model config field that differs.
+
+    `saved` / `saved_model` are the train settings and model config stored in the checkpoint; a name the
+    checkpoint did not record (written by an older version) is not compared.
+    """
+    now = _plain(cfg.to_dict())
+    changes = {name: (saved[name], now[name]) for name in now
+               if name in saved and name not in _NOT_COMPARED and _plain(saved[name]) != now[name]}
+    model_now = _plain(model_config)
+    changes.update({name: (saved_model[name], model_now[name]) for name in model_now
+                    if name in saved_model and _plain(saved_model[name]) != model_now[name]})
+    return changes
+
+
+def check_resume_changes(changes: dict[str, tuple], cfg: TrainConfig, checkpoint: Path, model_fields: set[str],
+                         fixed: tuple[str, ...] = ()) -> None:
+    """Refuse changes that break exact resumption unless --allow-change names them; a ValueError says which.
+
+    `fixed`: settings of FREE_ON_RESUME that the model family's task cannot change exactly.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | model_fields
+    unknown = sorted(set(cfg.allow_change) - known)
+    if unknown:
+        raise ValueError(f"--allow-change {', '.join(unknown)}: not a setting or a model config field; "
+                         f"settings: {sorted(known - model_fields)}, model fields: {sorted(model_fields)}")
+    free = FREE_ON_RESUME - set(fixed)
+    refused = {k: v for k, v in changes.items() if k not in free and k not in cfg.allow_change}
+    if refused:
+        listed = "; ".join(f"{'model field ' + k if k in model_fields else '--' + k.replace('_', '-')} "
+                           f"{old!r} -> {new!r}" for k, (old, new) in refused.items())
+        flags = " ".join(f"--allow-change {k}" for k in refused)
+        raise ValueError(f"--resume: {checkpoint} was trained with other settings, and resuming with these would "
+                         f"not continue that run exactly: {listed}. Resume with the checkpoint's values, or apply "
+                         f"the change on purpose with {flags} (recorded in train_config.json and metrics.jsonl)")

@@ -6,6 +6,7 @@ Read top to bottom: `Trainer.__init__` sets up (distributed, data, model, optimi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from train.checkpoint import (
     save_checkpoint,
     write_error,
 )
-from train.config import TrainConfig
+from train.config import TrainConfig, check_resume_changes, resume_changes
 from train.mfu import measure_matmul_flops, mfu
 from train.run_folder import LOG_FILE, RunFolderLocked, RunLock, truncate_log
 from train.tasks import family_of
@@ -108,6 +109,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.metrics: dict = {}
         self.started = False  # the loop has begun: signals save a checkpoint from then on
+        self.tokens_done = 0  # training items (tokens) seen, across resumes with other batch sizes
+        self.changes: list[dict] = []  # settings changed on resume, with --allow-change or freely (history)
+        self.resume_note: dict | None = None  # this resume's changes, for metrics.jsonl
         self.lock = self._lock_run_folder()  # before anything in the folder is read or written
         try:
             self._set_up(cfg)
@@ -120,6 +124,8 @@ class Trainer:
         if self.is_main:
             clean_stale_temp(self.run_dir)  # what crashed saves of earlier runs left (SIGKILL, full disk)
         resume_from = self._find_resume_point(Path(cfg.resume)) if cfg.resume else None
+        if resume_from:
+            self._compare_settings(resume_from)
         if self.fsdp:
             # fully_shard replaces the parameters by shards: restore whole weights before sharding,
             # and build the optimizer on the shards after.
@@ -133,10 +139,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=cfg.betas, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        if resume_from and not self.fsdp:
-            self._restore(resume_from, with_optimizer=True)
-        elif resume_from:
-            self.scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        if resume_from:
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+            if not self.fsdp:
+                self._restore(resume_from, with_optimizer=True)
+            else:
+                self.scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+            self._apply_settings(settings)
         self.train_model = self.model
         if self.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -171,12 +180,47 @@ class Trainer:
             truncate_log(self.run_dir, 0)  # the steps logged by the run that saved nothing start again
         return path
 
+    def _compare_settings(self, path: Path) -> None:
+        """Refuse a resume whose settings or model config differ from the checkpoint's in a way that breaks
+        exactness, unless --allow-change names the field; note every change that is applied."""
+        state = json.loads((path / "state.json").read_text())
+        saved, step = state.get("config") or {}, state["step"]
+        config = self.model.config
+        fields = {f.name for f in dataclasses.fields(type(config)) if f.name in type(config).__annotations__}
+        model_now = {name: getattr(config, name) for name in fields - {"zoo_name"}}
+        changes = resume_changes(saved.get("train") or {}, self.cfg, saved.get("model") or {}, model_now)
+        check_resume_changes(changes, self.cfg, path, fields, fixed=getattr(self.task, "fixed_on_resume", ()))
+        self.changes = list(saved.get("changes") or [])  # the history up to this checkpoint
+        if changes:
+            note = {name: {"old": old, "new": new} for name, (old, new) in changes.items()}
+            self.changes.append({"step": step, "checkpoint": path.name, "changed": note})
+            self.resume_note = {"resumed_at_step": step, "checkpoint": str(path), "changed": note}
+            if self.is_main:
+                _say(f"resuming from step {step} with changed settings: "
+                     + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                     + (f" (the cosine schedule now ends at step {self.cfg.steps})" if "steps" in changes else ""))
+
+    def _apply_settings(self, settings: list[dict]) -> None:
+        """After a restore: this run's optimizer settings (the restored state holds the checkpoint's) and the
+        learning rate of the next step by this run's schedule. Unchanged settings give the restored values."""
+        for group, setting in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(setting)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(self.scheduler.last_epoch, self.cfg)  # as LambdaLR computes it
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def _restore(self, path: Path, with_optimizer: bool) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer if with_optimizer else None,
                                 scheduler=self.scheduler if with_optimizer else None, map_location=self.device)
         self.step_done = state.step
         self.metrics = dict(state.metrics)
         self.last_checkpoint = path
+        self.tokens_done = state.data_state.get("tokens")
+        if self.tokens_done is None:  # written before tokens were counted: by the settings it was trained with
+            train = state.config.get("train") or {}
+            per_step = train.get("batch_size", self.cfg.batch_size) * train.get("seq_len", self.cfg.seq_len)
+            self.tokens_done = state.step * per_step
         if self.is_main:
             truncate_log(self.run_dir, state.step)
             _say(f"resumed from {path} (step {state.step})"
@@ -197,8 +241,11 @@ class Trainer:
     def _run(self) -> dict:
         cfg = self.cfg
         if self.is_main:
-            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            settings = {**cfg.to_dict(), **({"changes_on_resume": self.changes} if self.changes else {})}
+            (self.run_dir / "train_config.json").write_text(json.dumps(settings, indent=2))
         self.wandb = self._start_wandb() if cfg.wandb_project and self.is_main else None
+        if self.resume_note:
+            self._log(self.resume_note)
         peak = measure_matmul_flops(self.device) if self.is_main else 0.0
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
@@ -211,6 +258,7 @@ class Trainer:
             while self.step_done < cfg.steps:
                 record = self.step()
                 self.step_done += 1
+                self.tokens_done += tokens_per_step
                 elapsed = time.perf_counter() - start_time
                 record["tokens_per_s"] = (self.step_done - start_step) * tokens_per_step / elapsed
                 if self.step_done % cfg.eval_every == 0 or self.step_done == cfg.steps:
@@ -238,7 +286,7 @@ class Trainer:
         tokens_per_s = (self.step_done - start_step) * tokens_per_step / max(elapsed, 1e-9)
         if self.is_main:  # measured again at the end: one 0.5 s window can fall on a busy moment
             peak = max(peak, measure_matmul_flops(self.device))
-        summary = {**self.metrics, "steps": self.step_done, "tokens": self.step_done * tokens_per_step,
+        summary = {**self.metrics, "steps": self.step_done, "tokens": self.tokens_done,
                    "tokens_per_s": tokens_per_s, "seconds": elapsed, "world_size": self.world,
                    "device": self._device_name(),
                    "mfu": mfu(tokens_per_s, self.task.flops_per_item, peak) if peak else None,
@@ -309,8 +357,10 @@ class Trainer:
                 # Under FSDP the optimizer state is sharded; it is not saved (resume restarts the moments).
                 self.last_checkpoint = save_checkpoint(
                     self.run_dir, self.step_done, model=model, optimizer=None if self.fsdp else self.optimizer,
-                    scheduler=self.scheduler, data_state={"next_step": self.step_done, "seed": self.cfg.seed},
-                    config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict()},
+                    scheduler=self.scheduler,
+                    data_state={"next_step": self.step_done, "seed": self.cfg.seed, "tokens": self.tokens_done},
+                    config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict(),
+                            "changes": self.changes},
                     metrics=self.metrics, keep_last=self.cfg.keep_last)
             except Exception as err:  # noqa: BLE001 -- every rank must learn of it, then it is raised
                 error = err
@@ -335,6 +385,9 @@ class Trainer:
             "steps": summary["steps"], "tokens": summary["tokens"],
             "batch_size": self.cfg.batch_size, "seq_len": self.cfg.seq_len, "lr": self.cfg.lr,
             "hardware": f"{summary['device']} x {self.world}",
+            **({"changed on resume": {f"at step {c['step']}": {k: f"{v['old']} -> {v['new']}" for k, v in
+                                                               c["changed"].items()} for c in self.changes}}
+               if self.changes else {}),
             "final metrics": {k: round(v, 5) for k, v in summary.items()
                               if k in ("loss", "val_loss", "val_ppl", "tokens_per_s") and v is not None},
         }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import wait_for  # tests/train is on sys.path (pytest prepends a test's folder)
 
 from train import checkpoint
 from train.config import parse_args
@@ -83,7 +84,9 @@ def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_hanging(tmp_path):
     script = tmp_path / "full_disk_on_rank_0.py"
     script.write_text(textwrap.dedent("""
         import errno, os, sys
-        from train import checkpoint
+        from test_trainer import wait_for  # tests/train is on sys.path (pytest prepends a test's folder)
+
+from train import checkpoint
         from train.pretrain import main
 
         def write(tensors, path, *a, **kw):
@@ -268,14 +271,6 @@ def train_process(run: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    start = time.time()
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stderr.read()}"
-        assert time.time() - start < timeout, f"{path} did not appear"
-        time.sleep(0.05)
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     run = tmp_path / "run"
     proc = train_process(run, "--steps", "100000", "--checkpoint-every", "10")
@@ -306,3 +301,76 @@ def test_ctrl_c_before_the_first_step_is_exit_130_and_one_line(tmp_path, monkeyp
     assert main(["train", *args(tmp_path / "run", "--steps", "1")]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "zoo train: Ctrl-C before the first step: stopped, nothing was saved"
+
+
+# ---- item 4: --resume with other settings ----------------------------------------------------------------
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def stopped_run(tmp_path) -> Path:
+    """A run of 4 steps with checkpoints at 2 and 4 (and its final checkpoint)."""
+    run = tmp_path / "run"
+    Trainer(parse_args(args(run, "--steps", "4", "--checkpoint-every", "2"))).run()
+    return run
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lr", "0.01"], r"--lr 0.003 -> 0.01"),
+    (["--seed", "1"], r"--seed 0 -> 1"),
+    (["--batch-size", "8"], r"--batch-size 4 -> 8"),
+    (["--seq-len", "16"], r"--seq-len 32 -> 16"),
+    (["--grad-accum", "2"], r"--grad-accum 1 -> 2"),
+    (["--warmup-steps", "5"], r"--warmup-steps 3 -> 5"),
+    (["--set", "init_std=0.01"], r"model field init_std 0.02 -> 0.01"),
+    (["--set", "d_ff=64"], r"model field d_ff 128 -> 64"),
+])
+def test_a_resume_with_a_change_that_breaks_exactness_is_refused(stopped_run, change, message, capsys):
+    before = (stopped_run / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=message + r".*--allow-change"):
+        Trainer(parse_args(args(stopped_run, "--steps", "6", "--resume", str(stopped_run), *change)))
+    assert main(["train", *args(stopped_run, "--steps", "6", "--resume", str(stopped_run), *change)]) == 2
+    assert "--allow-change" in capsys.readouterr().err
+    assert (stopped_run / "train_config.json").read_text() == before, "nothing recorded that did not happen"
+
+
+def test_allow_change_applies_the_new_lr_and_records_old_and_new(stopped_run):
+    from train.trainer import lr_factor
+
+    cfg = parse_args(args(stopped_run, "--steps", "6", "--checkpoint-every", "2", "--resume", str(stopped_run),
+                          "--lr", "0.01", "--allow-change", "lr"))
+    trainer = Trainer(cfg)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor(4, cfg))
+    trainer.run()
+    logged = {r["step"]: r["lr"] for r in records(stopped_run) if "step" in r}
+    assert logged[5] == pytest.approx(0.01 * lr_factor(4, cfg)) and logged[6] == pytest.approx(0.01 * lr_factor(5, cfg))
+    note = next(r for r in records(stopped_run) if "resumed_at_step" in r)
+    assert note["resumed_at_step"] == 4 and note["changed"]["lr"] == {"old": 0.003, "new": 0.01}
+    saved = json.loads((stopped_run / "train_config.json").read_text())
+    assert saved["lr"] == 0.01 and saved["changes_on_resume"] == [
+        {"step": 4, "checkpoint": "step-000004", "changed": {"lr": {"old": 0.003, "new": 0.01},
+                                                             "steps": {"old": 4, "new": 6}}}]
+    state = json.loads((stopped_run / "checkpoints" / "step-000006" / "state.json").read_text())
+    assert state["config"]["changes"] == saved["changes_on_resume"], "the history travels with the checkpoint"
+
+
+def test_more_steps_need_no_flag_and_the_card_counts_the_tokens_of_each_batch_size(stopped_run):
+    Trainer(parse_args(args(stopped_run, "--steps", "6", "--resume", str(stopped_run), "--batch-size", "8",
+                            "--allow-change", "batch_size"))).run()
+    card = (stopped_run / "final" / "README.md").read_text()
+    assert f"tokens: {4 * 4 * 32 + 2 * 8 * 32}" in card
+    assert "changed on resume" in card and '"batch_size": "4 -> 8"' in card
+
+
+def test_allow_change_of_an_unknown_name_is_refused(stopped_run):
+    with pytest.raises(ValueError, match="--allow-change lrr: not a setting or a model config field"):
+        Trainer(parse_args(args(stopped_run, "--steps", "6", "--resume", str(stopped_run), "--allow-change", "lrr")))
+
+
+@pytest.mark.parametrize("flag", [["--lr", "nan"], ["--lr", "inf"], ["--weight-decay", "inf"],
+                                  ["--betas", "0.9", "nan"], ["--grad-clip", "inf"]])
+def test_non_finite_numbers_on_the_command_line_are_refused(flag):
+    with pytest.raises(ValueError, match=rf"{flag[0]} = .* must be a finite number"):
+        parse_args(["lm-dense-tiny", *flag])

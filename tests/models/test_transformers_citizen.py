@@ -320,3 +320,15 @@ def test_sparse_kinds_generate_with_a_cache_as_without_one(attention, kwargs):
             runs.append(ours.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                                       use_cache=use_cache))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_a_cache_that_drops_keys_is_refused_not_misread():
+    from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+
+    ours, _ = pair()
+    cache = Cache(layers=[DynamicSlidingWindowLayer(sliding_window=4) for _ in range(2)])
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        out = ours(x[:, :6], cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="returned 4 keys but 7 exist.*sliding-window caches are not supported"):
+            ours(x[:, 6:7], cache=out.cache, use_cache=True)

@@ -55,6 +55,9 @@ def can_use_megablocks(x: torch.Tensor) -> bool:
 
 HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
 MOE_IMPLS = ("auto", "padded", "tiered", "grouped", "megablocks")
+# Below this many routed rows (decoding: batch x k), "auto" on CPU takes grouped_mm: tiered's per-tier weight
+# copies cost more than the matmuls there (dense_vs_llama.py profile: 19.6 vs 10.5 ms/token at batch 8).
+CPU_GROUPED_MAX_ROWS = 256
 
 
 def can_use_grouped_mm(x: torch.Tensor, *row_widths: int) -> bool:
@@ -65,12 +68,14 @@ def can_use_grouped_mm(x: torch.Tensor, *row_widths: int) -> bool:
     return ok
 
 
-def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, capacity: int | None) -> str:
+def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, capacity: int | None,
+                       rows: int | None = None) -> str:
     """How the routed experts run on x: "megablocks", or a dispatch layout "padded", "tiered" or "grouped".
 
     `impl` "auto" takes megablocks' kernels on CUDA half precision when installed (and dropless), torch's
-    grouped_mm on other CUDA tensors it supports, else "tiered" (on CPU grouped ties with tiered in
-    BENCHMARKS.md and takes more memory). An explicit impl that cannot run here is a RuntimeError.
+    grouped_mm on other CUDA tensors it supports and on CPU for few routed `rows` (decoding), else "tiered"
+    (at training sizes on CPU grouped ties with tiered in BENCHMARKS.md and takes more memory). An explicit
+    impl that cannot run here is a RuntimeError.
     """
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown experts impl {impl!r}; known: {MOE_IMPLS}")
@@ -82,7 +87,7 @@ def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, cap
         return impl
     if capacity is None and x.dtype in (torch.bfloat16, torch.float16) and can_use_megablocks(x):
         return "megablocks"
-    if x.is_cuda and grouped_ok:
+    if grouped_ok and (x.is_cuda or (rows is not None and rows <= CPU_GROUPED_MAX_ROWS and capacity is None)):
         return "grouped"
     return "tiered"
 

@@ -140,7 +140,8 @@ class SwiGLUExperts(nn.Module):
         with torch.autocast(device, enabled=False):
             x = x.to(dtype)
             w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
-            layout = kernels.moe_experts_layout(x, self.impl, self.d_model, self.width, capacity)
+            rows = experts.numel()  # routed slots (a bound on the rows; no device sync)
+            layout = kernels.moe_experts_layout(x, self.impl, self.d_model, self.width, capacity, rows)
             if layout == "megablocks":
                 from layers.moe.megablocks_backend import megablocks_experts
 

@@ -230,3 +230,19 @@ def test_experts_train_under_bf16_autocast_as_the_trainer_runs_them_on_gpus():
     for got, param in zip(low, (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down), strict=True):
         assert got.dtype == torch.float32
         assert float((got - param.grad).norm() / param.grad.norm()) < 0.03
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="needs torch.nn.functional.grouped_mm")
+def test_auto_takes_grouped_mm_on_cpu_for_decoding_sizes_and_tiered_for_training_sizes():
+    from layers.kernels import CPU_GROUPED_MAX_ROWS
+
+    torch.manual_seed(0)
+    m = SwiGLUExperts(4, 16, 32)
+    for tokens, expected in ((8, "grouped"), (CPU_GROUPED_MAX_ROWS, "tiered")):  # 16 and 512 routed rows
+        weights, experts = random_routing(tokens, 2, 4)
+        x = torch.randn(tokens, 16)
+        out, _ = m(x, weights, experts)
+        assert m.last_impl.split("(")[0] == expected, tokens
+        m.impl = "padded"
+        torch.testing.assert_close(out, m(x, weights, experts)[0], atol=1e-6, rtol=1e-5)
+        m.impl = "auto"

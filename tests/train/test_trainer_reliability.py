@@ -78,15 +78,12 @@ def test_temp_folders_of_crashed_saves_are_removed_at_every_start(tmp_path):
     assert not any(folder.exists() for folder in stale)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_hanging(tmp_path):
     script = tmp_path / "full_disk_on_rank_0.py"
     script.write_text(textwrap.dedent("""
         import errno, os, sys
-        from test_trainer import wait_for  # tests/train is on sys.path (pytest prepends a test's folder)
-
-from train import checkpoint
+        from train import checkpoint
         from train.pretrain import main
 
         def write(tensors, path, *a, **kw):

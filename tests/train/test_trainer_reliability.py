@@ -371,3 +371,13 @@ def test_allow_change_of_an_unknown_name_is_refused(stopped_run):
 def test_non_finite_numbers_on_the_command_line_are_refused(flag):
     with pytest.raises(ValueError, match=rf"{flag[0]} = .* must be a finite number"):
         parse_args(["lm-dense-tiny", *flag])
+
+
+@pytest.mark.parametrize("signum, stops_with", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_second_signal_stops_at_once(tmp_path, signum, stops_with):
+    trainer = Trainer(parse_args(args(tmp_path / "run", "--steps", "1")))
+    trainer._on_signal(signum, None)
+    assert trainer.stop_requested == signum  # the first one only asks the loop to save and stop
+    with pytest.raises(stops_with) as info:
+        trainer._on_signal(signum, None)
+    assert stops_with is KeyboardInterrupt or info.value.code == 143

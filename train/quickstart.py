@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                       warmup_steps=min(30, args.steps // 5), log_every=25, eval_batches=8)
     summary = Trainer(cfg).run()
     if summary.get("interrupted"):
-        return 130
+        return 128 + summary.get("signal", 2)  # 130 after Ctrl-C, 143 after SIGTERM
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s: "
           f"train loss {summary['loss']:.3f}, validation loss {summary['val_loss']:.3f} "
           f"(perplexity {summary['val_ppl']:.2f}), {summary['tokens_per_s']:.0f} tokens/s, "

@@ -101,6 +101,8 @@ class SAETask:
     """Reconstruction of harvested LM activations: batches of batch_size * seq_len activation vectors."""
 
     unit = "activations"
+    # The activation store is sized by --steps: a different --steps on resume would change the batches.
+    fixed_on_resume = ("steps",)
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         c = model.config

@@ -66,10 +66,6 @@ class Registry(dict):
             raise ValueError(f"config field {field!r} = {name!r} is invalid: unknown {self.what}; "
                              f"known: {sorted(self)}")
 
-    def names(self) -> list[str]:
-        """The registered names, sorted."""
-        return sorted(self)
-
     def items(self):  # resolve lazy entries for callers that iterate
         return [(name, self[name]) for name in self]
 

@@ -587,7 +587,7 @@ def _cost(model, seq_len: int | None, sample: torch.Tensor | None, head_flops: i
 ZooLM = ZooLMForCausalLM
 
 # Checkpoints keep the names they had before the split ("embed.weight", "blocks.0...", "norm.weight"):
-# transformers renames them on load (and back on save), and zoo.load does the same with `checkpoint_key`.
+# transformers renames them on load (and back on save); zoo.load does the same with `module_key`.
 LEGACY_PREFIXES = ("embed.", "blocks.", "norm.", "rotary.")
 
 

@@ -124,9 +124,3 @@ class MoEOptions:
             raise ValueError(f"config field 'linear' = {mlp_linear!r} with linear_targets covering the MLP is "
                              f"invalid for mlp='moe': the routed experts are dense SwiGLU experts and would stay "
                              f"dense; use linear_targets='attn' or linear='dense'")
-
-    def to_kwargs(self) -> dict:
-        """The options that differ from the defaults (what a config stores)."""
-        default = MoEOptions()
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != getattr(default, f.name)}

@@ -27,19 +27,9 @@ LM_CASES = {
     # projections redrawn every 2 optimizer steps
     "lm-performer-tiny": ["lm-performer-tiny", "--set", 'attention_kwargs={"n_features": 16, "redraw_every": 2}'],
 }
-SAE_D = 32
+SAE_D = 32  # the width of the `source_lm` fixture (tests/train/conftest.py)
 SAE_CASES = {"sae-topk-tiny": ["sae-topk-tiny"], "sae-batchtopk-tiny": ["sae-batchtopk-tiny"]}
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def source_lm(tmp_path_factory) -> Path:
-    """A tiny LM trained for a few steps: the SAEs read its block-1 output."""
-    run = tmp_path_factory.mktemp("lm") / "run"
-    cfg = parse_args(["lm-dense-tiny", "--set", f"d_model={SAE_D}", "--set", "n_layers=2", "--set", "n_heads=2",
-                      "--seq-len", "32", "--batch-size", "8", "--steps", "10", "--eval-every", "10",
-                      "--eval-batches", "1", "--warmup-steps", "2", "--lr", "1e-2", "--out", str(run)])
-    return Path(Trainer(cfg).run()["final"])
 
 
 def args_for(case: str, source: Path | None) -> list[str]:

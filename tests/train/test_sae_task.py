@@ -11,17 +11,7 @@ from train.trainer import Trainer
 from zoo import load
 from zoo.cli import main
 
-D = 32
-
-
-@pytest.fixture(scope="module")
-def source_lm(tmp_path_factory) -> Path:
-    """A tiny LM trained for a few steps by the common trainer: the SAEs read its block-1 output."""
-    run = tmp_path_factory.mktemp("lm") / "run"
-    cfg = parse_args(["lm-dense-tiny", "--set", f"d_model={D}", "--set", "n_layers=2", "--set", "n_heads=2",
-                      "--seq-len", "32", "--batch-size", "8", "--steps", "10", "--eval-every", "10",
-                      "--eval-batches", "1", "--warmup-steps", "2", "--lr", "1e-2", "--out", str(run)])
-    return Path(Trainer(cfg).run()["final"])
+D = 32  # the width of the `source_lm` fixture (tests/train/conftest.py)
 
 
 def sae_args(source: Path, out: Path, entry: str = "sae-topk-tiny", *extra: str) -> list[str]:

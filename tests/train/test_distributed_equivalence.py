@@ -75,7 +75,8 @@ def test_two_rank_ddp_equals_one_process(case, tmp_path, request):
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     two = subprocess.run([*torchrun, "-m", "train.pretrain", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=600)  # a hung collective fails the test instead of hanging CI
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_run(tmp_path / "one", tmp_path / "two")
 

@@ -138,7 +138,7 @@ def test_two_rank_data_parallel_equals_one_process(tmp_path, sharding):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     two = subprocess.run([*torchrun, "-m", "train.pretrain", "lm-dense-tiny", *TINY, *steps,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)  # a hang fails, not blocks CI
     assert two.returncode == 0, two.stderr[-3000:]
     one, ddp = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(ddp) == list(range(1, 9))

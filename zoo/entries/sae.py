@@ -18,8 +18,12 @@ register("sae-topk-tiny", "sae", "tiny", {**SAE_TINY, "kind": "topk", "k": 32},
          "TopK SAE (k=32, AuxK, unit-norm decoder) on lm-dense-tiny's residual stream (block 2).")
 register("sae-batchtopk-tiny", "sae", "tiny", {**SAE_TINY, "kind": "batchtopk", "k": 32},
          "BatchTopK SAE (k=32 per token on average, learned threshold) on lm-dense-tiny (block 2).")
-register("sae-hier-topk-tiny", "sae", "tiny", {**SAE_TINY, "kind": "hierarchical_topk", "k": 64, "k_min": 1},
-         "HierarchicalTopK SAE: one SAE for every budget k in 1..64 (log-area loss), on lm-dense-tiny (block 2).")
+# hier_loss "mean": the paper's loss, the arithmetic mean of the prefix errors over k = 1..64 (issue 17);
+# `--set hier_loss=log_area` is the 1/j-weighted geometric mean. A checkpoint keeps the hier_loss it stores.
+register("sae-hier-topk-tiny", "sae", "tiny",
+         {**SAE_TINY, "kind": "hierarchical_topk", "k": 64, "k_min": 1, "hier_loss": "mean"},
+         "HierarchicalTopK SAE: one SAE for every budget k in 1..64 (the paper's mean loss), on lm-dense-tiny "
+         "(block 2).")
 register("sae-matryoshka-tiny", "sae", "tiny",
          {**SAE_TINY, "kind": "matryoshka", "k": 32, "matryoshka_widths": [128, 512, 2048]},
          "Matryoshka BatchTopK SAE (prefixes of 128, 512, 2048 latents) on lm-dense-tiny (block 2).")

@@ -258,18 +258,20 @@ def _weights_identity(folder: Path) -> list:
 
 
 def _transformers_lm(name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
 
 
 def load_source_lm(source: str, seed: int = 0, device: str | torch.device = "cpu"):
     """(model, tokenizer, identity) of the LM an SAE reads: a zoo LM folder, catalog name (fresh weights drawn
-    from `seed`) or Hub repo id, or any transformers causal LM (folder or repo id); identity names its weights."""
+    from `seed`) or Hub repo id, or any transformers causal LM (folder or repo id); identity names its weights.
+    The tokenizer is the model's own (zoo.tokenizer.load_tokenizer: the byte tokenizer for a catalog name or a
+    zoo checkpoint that carries none), checked to give no id beyond the model's vocabulary."""
     from zoo import hub
     from zoo.catalog import CATALOG, FAMILIES
     from zoo.loading import load
-    from zoo.tokenizer import ByteTokenizer
+    from zoo.tokenizer import check_vocab, load_tokenizer
 
     zoo_types = {config_cls.model_type for config_cls, _ in FAMILIES.values()}
     path = Path(source).expanduser()
@@ -277,17 +279,17 @@ def load_source_lm(source: str, seed: int = 0, device: str | torch.device = "cpu
         config = path / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         identity = f"folder:{path.resolve()}:{_weights_identity(path)}"
-        model, tokenizer = (load(path), ByteTokenizer()) if model_type in zoo_types else _transformers_lm(str(path))
+        model = load(path) if model_type in zoo_types else _transformers_lm(str(path))
     elif source in CATALOG:
         with torch.random.fork_rng(devices=[]):  # fresh weights from `seed`, the caller's RNG untouched
             torch.manual_seed(seed)
-            model, tokenizer = load(source), ByteTokenizer()
+            model = load(source)
         identity = f"catalog:{source}:fresh-weights-seed-{seed}"
     elif hub.is_repo_id(source):
         try:
-            model, tokenizer = load(source), ByteTokenizer()
+            model = load(source)
         except ValueError:  # not a zoo checkpoint: any transformers causal LM
-            model, tokenizer = _transformers_lm(source)
+            model = _transformers_lm(source)
         identity = f"hub:{source}"
     else:
         raise ValueError(f"source_model {source!r} is not a checkpoint folder, a catalog name or a Hub repo id; "
@@ -295,4 +297,6 @@ def load_source_lm(source: str, seed: int = 0, device: str | torch.device = "cpu
                          f"or point the SAE at one with --set source_model=FOLDER")
     if getattr(model.config, "model_type", None) in zoo_types - {"zoo_lm"}:
         raise ValueError(f"source_model {source!r} is a {model.config.model_type} checkpoint, not a language model")
+    tokenizer = load_tokenizer(source)
+    check_vocab(model.config.vocab_size, tokenizer, f"source_model {source!r}")
     return model.to(device).eval(), tokenizer, identity

@@ -73,8 +73,12 @@ def save_checkpoint(
     config: dict,
     metrics: dict,
     keep_last: int = 3,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step-NNNNNN`` atomically, then prune older checkpoints."""
+    """Write ``run_dir/checkpoints/step-NNNNNN`` atomically, then prune older checkpoints.
+
+    `tokenizer` (the one the run trains with) is written there too (tokenizer.json, ...), in the manifest.
+    """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if not isinstance(keep_last, int) or keep_last < 1:
@@ -107,6 +111,11 @@ def save_checkpoint(
         tmp.mkdir()
         for writing, obj in contents.items():
             _write(tmp / writing, obj)
+        if tokenizer is not None:
+            from zoo.tokenizer import save_tokenizer
+
+            writing = "the tokenizer files"
+            save_tokenizer(tokenizer, tmp)
         writing = MANIFEST
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         _write(tmp / MANIFEST, {"zoo_format_version": FORMAT_VERSION, "files": files})
@@ -146,6 +155,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         if problem is None:
             return path
         _set_aside(path, problem)
+    return None
+
+
+def saved_train_settings(run_dir: str | os.PathLike) -> dict | None:
+    """The train settings recorded by the newest checkpoint of a run folder whose state.json reads, without
+    verifying or moving anything (the trainer reads them before it locks the folder); None when there is none."""
+    for path in _step_dirs(Path(run_dir) / "checkpoints"):
+        try:
+            train = json.loads((path / "state.json").read_text())["config"]["train"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(train, dict):
+            return train
     return None
 
 

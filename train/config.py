@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.data import VAL_SPLITS
+
 
 @dataclass
 class TrainConfig:
@@ -17,6 +19,10 @@ class TrainConfig:
     model: str = "lm-dense-tiny"  # catalog name, checkpoint folder or Hub repo id (fine-tuning)
     model_overrides: dict = field(default_factory=dict)  # model config fields, e.g. {"n_layers": 2}
     data: list[str] | None = None  # None: the bundled corpus; else files/globs or one Hub dataset name
+    data_config: str | None = None  # the Hub dataset's config (subset), e.g. "wikitext-2-raw-v1"
+    split: str = "train"  # the Hub dataset's split to train on
+    streaming: bool = False  # stream the Hub dataset: read and tokenize only the tokens the run uses
+    text_column: str = "text"  # the column (JSONL field, Parquet column) that holds the documents
     out: str | None = None  # run folder; default runs/<model name>
     steps: int = 300
     batch_size: int = 16  # sequences per optimizer step, across all ranks and micro-batches
@@ -39,6 +45,10 @@ class TrainConfig:
     fsdp: bool = False
     device: str | None = None  # default: cuda if available, else cpu
     val_fraction: float = 0.05
+    # How validation blocks are held out (train/data.py validation_blocks): "interleaved" (new runs) or "tail"
+    # (the last val_fraction of the corpus: runs made before the interleaved split). None: "interleaved" for a
+    # new run; a resumed run keeps its checkpoint's (the Trainer fills it in before loading the data).
+    val_split: str | None = None
     log_every: int = 10
     force_download: bool = False  # download a Hub --model again even if cached (repairs a damaged cache)
     allow_change: list[str] = field(default_factory=list)  # --resume: settings allowed to differ (FREE_ON_RESUME)
@@ -65,6 +75,10 @@ class TrainConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r} is invalid: must be {allowed}")
+        if self.val_split not in (None, *VAL_SPLITS):
+            raise ValueError(f"--val-split = {self.val_split!r} is invalid: must be one of {', '.join(VAL_SPLITS)}")
+        if not self.text_column:
+            raise ValueError("--text-column must name a column, got an empty string")
         if isinstance(self.data, str):
             self.data = [self.data]
         self.betas = tuple(self.betas)
@@ -106,6 +120,14 @@ HELP = {
     "seed": "seed of the weights and of the batch order",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
     "val_fraction": "fraction of the corpus held out for validation",
+    "val_split": "how validation blocks are held out: 'interleaved' (every 1/val-fraction-th block of "
+                 "seq-len tokens, the same for every seed and model; default for a new run) or 'tail' (the "
+                 "last val-fraction of the corpus, the split of runs made before); --resume keeps the run's",
+    "data_config": "config (subset) of a Hub --data dataset, e.g. wikitext-2-raw-v1 (also as --data org/name:config)",
+    "split": "split of a Hub --data dataset to train on (default train); local files are read whole",
+    "streaming": "stream a Hub --data dataset instead of downloading it whole: only the tokens the run needs "
+                 "(steps x batch size blocks and the validation blocks) are read and tokenized",
+    "text_column": "column (JSONL field, Parquet column) that holds the text (default text)",
     "log_every": "print and log metrics every N steps",
     "force_download": "download a Hub --model again even if it is cached (repairs a damaged cache)",
     "allow_change": "with --resume: apply this setting or model field although it differs from the checkpoint's "
@@ -142,6 +164,8 @@ def build_parser(prog: str = "zoo train") -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", default=None, help=HELP.get(f.name, ""))
         elif f.name == "data":
             parser.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
+        elif f.name == "val_split":
+            parser.add_argument(flag, choices=VAL_SPLITS, default=None, help=HELP[f.name])
         elif f.name == "allow_change":
             parser.add_argument(flag, action="append", metavar="FIELD", default=None, help=HELP[f.name])
         elif f.name == "betas":
@@ -262,6 +286,12 @@ FREE_ON_RESUME = frozenset({"steps", "eval_every", "eval_batches", "checkpoint_e
 _NOT_COMPARED = frozenset({"resume", "allow_change", "force_download", "model_overrides"})
 
 
+# Settings that runs made before they existed did not record, with the value those runs had in effect: a
+# resumed old run is compared as if it had recorded them (an old run's contiguous validation tail is "tail").
+LEGACY_VALUES = {"val_split": "tail", "data_config": None, "split": "train", "streaming": False,
+                 "text_column": "text"}
+
+
 def _plain(value):
     """A value as JSON has it (tuples are lists), so that saved and current settings compare."""
     return json.loads(json.dumps(value, default=str))
@@ -271,9 +301,12 @@ def resume_changes(saved: dict, cfg: TrainConfig, saved_model: dict, model_confi
     """{name: (checkpoint's value, this run's value)} for every setting and model config field that differs.
 
     `saved` / `saved_model` are the train settings and model config stored in the checkpoint; a name the
-    checkpoint did not record (written by an older version) is not compared.
+    checkpoint did not record (written by an older version) is compared with the value that version had in
+    effect (LEGACY_VALUES: an old run's validation split is "tail"), or else not compared.
     """
     now = _plain(cfg.to_dict())
+    if saved:
+        saved = {**{k: v for k, v in LEGACY_VALUES.items() if k in now}, **saved}
     changes = {name: (saved[name], now[name]) for name in now
                if name in saved and name not in _NOT_COMPARED and _plain(saved[name]) != now[name]}
     model_now = _plain(model_config)

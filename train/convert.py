@@ -45,21 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     from train.data import load_token_data
     from train.evaluate import evaluate_lm
     from zoo import load
+    from zoo.tokenizer import check_vocab, load_tokenizer, save_tokenizer
 
     model = load(args.checkpoint, force_download=args.force_download)
     seq_len = args.seq_len or min(model.config.max_seq_len, 256)
-    data = load_token_data(None, seq_len=seq_len)
-    before = evaluate_lm(model, data, 16, args.eval_batches)["val_loss"]
+    tokenizer = load_tokenizer(args.checkpoint, force_download=args.force_download)  # the model's own
+    check_vocab(model.config.vocab_size, tokenizer, f"zoo convert {args.checkpoint}")
+    data = load_token_data(None, seq_len=seq_len, tokenizer=tokenizer)
+    measured = evaluate_lm(model, data, 16, args.eval_batches)
+    before = measured["val_loss"]
     options = {k: v for k, v in (("num_experts", args.experts), ("nblocks", args.nblocks),
                                  ("layers", args.layers)) if v is not None}
     options.update(dict(args.option))
     converted, report = CONVERTERS[args.to](model, **options)
-    after = evaluate_lm(converted, data, 16, args.eval_batches)["val_loss"]
+    measured_after = evaluate_lm(converted, data, 16, args.eval_batches)
+    after = measured_after["val_loss"]
+    bpb = {f"val_bpb_{when}": m["val_bpb"] for when, m in (("before", measured), ("after", measured_after))
+           if "val_bpb" in m}
     out = Path(args.out or f"{str(args.checkpoint).rstrip('/')}-to-{args.to}")
     converted.save_pretrained(out, training={"converted from": str(args.checkpoint), "conversion": args.to,
-                                             "val_loss before": round(before, 5), "val_loss after": round(after, 5)})
+                                             "val_loss before": round(before, 5), "val_loss after": round(after, 5),
+                                             **{k.replace("_", " "): round(v, 5) for k, v in bpb.items()}})
+    save_tokenizer(tokenizer, out, model_max_length=getattr(converted.config, "max_seq_len", None))
     result = {"checkpoint": str(args.checkpoint), "to": args.to, "out": str(out), "options": options,
-              "val_loss_before": before, "val_loss_after": after, **report}
+              "val_loss_before": before, "val_loss_after": after, **bpb, **report}
     if args.finetune_steps:
         from train.config import TrainConfig
         from train.trainer import Trainer

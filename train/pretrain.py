@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("interrupted"):
         return 128 + summary.get("signal", signal.SIGINT)
     if "final" in summary:
-        keys = ("steps", "tokens", "loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "final")
+        keys = ("steps", "tokens", "loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "mfu", "final")
         print("done: " + ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float)
-                                   else f"{k}={summary.get(k)}" for k in keys))
+                                   else f"{k}={summary.get(k)}" for k in keys if k != "val_bpb" or k in summary))
     return 0
 
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.config import TrainConfig
     from train.trainer import Trainer
-    from zoo import load
+    from zoo import load, load_tokenizer
     from zoo.generation import generate_text
 
     start = time.perf_counter()
@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + summary.get("signal", 2)  # 130 after Ctrl-C, 143 after SIGTERM
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s: "
           f"train loss {summary['loss']:.3f}, validation loss {summary['val_loss']:.3f} "
-          f"(perplexity {summary['val_ppl']:.2f}), {summary['tokens_per_s']:.0f} tokens/s, "
+          f"(perplexity {summary['val_ppl']:.2f}, {summary['val_bpb']:.3f} bits per byte), "
+          f"{summary['tokens_per_s']:.0f} tokens/s, "
           f"MFU {summary['mfu']:.1%}")
     print(f"saved the checkpoint to {summary['final']}")
     model = load(summary["final"])
+    tokenizer = load_tokenizer(summary["final"])  # the tokenizer the run trained with, saved beside the weights
     print(f"loaded it back with zoo.load({summary['final']!r}): {model.cost()['total_params']:,} parameters")
     print("sample:\n" + "-" * 60)
-    print(generate_text(model, args.prompt, max_new_tokens=300, temperature=0.8, top_k=40))
+    print(generate_text(model, args.prompt, max_new_tokens=300, temperature=0.8, top_k=40, tokenizer=tokenizer))
     print("-" * 60 + f"\nquickstart finished in {time.perf_counter() - start:.0f} s")
     return 0

@@ -162,14 +162,15 @@ def plot_fvu_vs_l0(curves: dict[str, list[tuple[float, float]]], path: str | Pat
 
 def main(argv: list[str] | None = None, model: nn.Module | None = None) -> int:
     """`zoo eval SAE`: L0, FVU, dead/dense fractions and loss recovered (per budget) as JSON, optionally a plot."""
+    from train.data import add_data_flags, data_options
+
     parser = argparse.ArgumentParser(prog="zoo eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="SAE checkpoint folder, Hub repo id or catalog name")
-    parser.add_argument("--data", nargs="+", default=None, help="files/globs or a Hub dataset (default: bundled)")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the SAE's context_size")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per LM batch")
     parser.add_argument("--max-batches", type=int, default=8, help="validation batches of sequences (0: all)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="must match the training run's")
+    add_data_flags(parser)
     parser.add_argument("--source-model", default=None, help="the LM the SAE reads (default: its config's)")
     parser.add_argument("--k", type=int, nargs="+", default=None, help="budgets to evaluate (top-k per token)")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="dictionary prefixes to evaluate")
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None, model: nn.Module | None = None) -> int:
     parser.add_argument("--plot", default=None, help="write a PNG of FVU against L0 here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the harvest (shuffle, fresh source LMs)")
     args = parser.parse_args(argv)
+    if args.streaming:
+        raise ValueError("zoo eval of an SAE does not stream: drop --streaming (--max-batches bounds the work)")
 
     from train.sae_task import SAEData
     from zoo import load
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None, model: nn.Module | None = None) -> int:
     sae = model if model is not None else load(args.model)
     seq_len = args.seq_len or sae.config.context_size
     source = args.source_model or sae.config.source_model
-    data = SAEData(source, sae.config.hook_point, args.data, seq_len, args.val_fraction, seed=args.seed)
+    data = SAEData(source, sae.config.hook_point, args.data, seq_len, args.val_fraction, seed=args.seed,
+                   **data_options(args))
     val_rows = args.max_batches * args.batch_size * seq_len if args.max_batches else 0
     store = data.val_store(val_rows)
     token_batches = data.val_token_batches(args.batch_size, args.max_batches)

@@ -19,7 +19,7 @@ from train.activations import ActivationStore, cached_harvest, load_source_lm
 from train.config import TrainConfig
 from train.data import load_token_data
 from train.sae_eval import ce_metrics, reconstruction_metrics
-from train.tasks import StepLoss
+from train.tasks import StepLoss, data_settings
 
 HARVEST_BATCH = 16  # sequences per LM forward while harvesting
 CE_EVAL_BATCHES = 2  # validation batches of sequences for the loss-recovered metrics during training
@@ -30,7 +30,8 @@ class SAEData:
     """The source LM, the token corpus and the activation stores of one SAE setting (LM, layer, corpus)."""
 
     def __init__(self, source: str | None, hook_point: str, data: list[str] | None, seq_len: int,
-                 val_fraction: float = 0.05, seed: int = 0, device: str | torch.device | None = None):
+                 val_fraction: float = 0.05, seed: int = 0, device: str | torch.device | None = None,
+                 **data_options):
         if not source:
             raise ValueError("the SAE has no source_model: pass --set source_model=FOLDER (an LM checkpoint, "
                              "e.g. runs/lm-dense-tiny/final after `zoo train lm-dense-tiny`)")
@@ -38,10 +39,14 @@ class SAEData:
         self.source, self.hook_point, self.seed = source, hook_point, seed
         self.lm, tokenizer, lm_identity = load_source_lm(source, seed=seed, device=self.device)
         self.lm.requires_grad_(False)
-        self.data = load_token_data(data, seq_len=seq_len, val_fraction=val_fraction, tokenizer=tokenizer)
+        self.tokenizer = tokenizer
+        # data_options: load_token_data's keywords (val_split, text_column, Hub config / split, streaming...)
+        self.data = load_token_data(data, seq_len=seq_len, val_fraction=val_fraction, tokenizer=tokenizer,
+                                    **data_options)
         self.seq_len = seq_len
+        # The corpus file names the tokens (source, tokenizer, column, split); val_split which blocks are held out.
         self.identity = {"source": lm_identity, "corpus": self.data.cache_path.name if self.data.cache_path else None,
-                         "seq_len": seq_len, "val_fraction": val_fraction}
+                         "seq_len": seq_len, "val_fraction": val_fraction, "val_split": self.data.val_split}
 
     def train_store(self, rows: int, dtype: str = "float16") -> ActivationStore:
         """`rows` activations of the train split (at most one pass over it; batches cycle over the store)."""
@@ -107,12 +112,15 @@ class SAETask:
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         c = model.config
         self.cfg = cfg
-        self.sae_data = SAEData(c.source_model, c.hook_point, cfg.data, cfg.seq_len, cfg.val_fraction,
-                                seed=cfg.seed, device=cfg.device)
         self.items_per_step = cfg.batch_size * cfg.seq_len
+        val_rows = cfg.eval_batches * cfg.batch_size * cfg.seq_len
+        blocks = -(-cfg.steps * self.items_per_step // cfg.seq_len)  # the train blocks the store is harvested from
+        val_blocks = max(val_rows // cfg.seq_len, CE_EVAL_BATCHES * cfg.batch_size)
+        self.sae_data = SAEData(c.source_model, c.hook_point, cfg.data, cfg.seq_len, cfg.val_fraction,
+                                seed=cfg.seed, device=cfg.device, **data_settings(cfg, blocks, val_blocks))
+        self.tokenizer = self.sae_data.tokenizer  # written into the SAE's checkpoints: the tokens it was trained on
         self._threshold_cache: tuple | None = None  # (step_batch, weight versions, threshold): _step_threshold
         self.train = self.sae_data.train_store(cfg.steps * self.items_per_step)
-        val_rows = cfg.eval_batches * cfg.batch_size * cfg.seq_len
         self.val = self.sae_data.val_store(val_rows)
         if self.train.d != c.d_in:
             raise ValueError(f"the activations at hook_point {c.hook_point!r} of {c.source_model!r} have "

@@ -22,7 +22,7 @@ from torch import nn
 from layers.registry import Registry
 from models.losses import next_token_loss
 from train.config import TrainConfig
-from train.data import load_token_data
+from train.data import load_token_data, tokens_needed
 from train.evaluate import evaluate_lm
 
 BUNDLED = "the bundled Jargon File 4.4.7 (public domain)"
@@ -56,7 +56,12 @@ class LMTask:
             raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's context (max_seq_len={max_len}); "
                              f"lower --seq-len or pass --set max_seq_len={cfg.seq_len}")
         self.cfg = cfg
-        self.data = load_token_data(cfg.data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction)
+        self.tokenizer = model_tokenizer(cfg, model)
+        self.data = load_token_data(cfg.data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
+                                    tokenizer=self.tokenizer,
+                                    **data_settings(cfg, cfg.steps * cfg.batch_size, cfg.eval_batches * cfg.batch_size))
+        # A streamed corpus holds the tokens of --steps (and of the evaluations) only: they are fixed on resume.
+        self.fixed_on_resume = ("steps", "eval_batches") if cfg.streaming else ()
         self.items_per_step = cfg.batch_size * cfg.seq_len
         self.flops_per_item = model.cost(cfg.seq_len)["flops_per_token"]
         self.description = ", ".join(cfg.data) if cfg.data else BUNDLED
@@ -79,8 +84,29 @@ class LMTask:
         return record
 
     def evaluate(self, model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict:
-        """Validation loss and perplexity."""
+        """Validation loss, perplexity and bits per byte."""
         return evaluate_lm(model, self.data, self.cfg.batch_size, self.cfg.eval_batches, device, autocast)
+
+
+def model_tokenizer(cfg: TrainConfig, model: nn.Module):
+    """The tokenizer of the model the run starts from (zoo.tokenizer.load_tokenizer of --model), checked to
+    give no id beyond the model's vocabulary."""
+    from zoo.tokenizer import check_vocab, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, force_download=cfg.force_download)
+    check_vocab(model.config.vocab_size, tokenizer, f"--model {cfg.model}")
+    return tokenizer
+
+
+def data_settings(cfg: TrainConfig, train_blocks: int, val_blocks: int) -> dict:
+    """load_token_data's keywords from the run's data settings; a streamed corpus is read up to the tokens of
+    `train_blocks` train and `val_blocks` validation blocks (one epoch: a streamed run never repeats data)."""
+    settings = {"text_column": cfg.text_column, "val_split": cfg.val_split or "interleaved",
+                "data_config": cfg.data_config, "split": cfg.split, "streaming": cfg.streaming}
+    if cfg.streaming:
+        settings["max_tokens"] = tokens_needed(train_blocks, cfg.seq_len, cfg.val_fraction, settings["val_split"],
+                                               val_blocks=max(1, val_blocks))
+    return settings
 
 
 def _layer_order(key: str) -> tuple:

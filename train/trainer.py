@@ -32,12 +32,14 @@ from train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    saved_train_settings,
     write_error,
 )
-from train.config import TrainConfig, check_resume_changes, resume_changes
+from train.config import LEGACY_VALUES, TrainConfig, check_resume_changes, resume_changes
 from train.mfu import measure_matmul_flops, mfu
 from train.run_folder import LOG_FILE, RunFolderLocked, RunLock, truncate_log
 from train.tasks import family_of
+from zoo.tokenizer import save_tokenizer
 
 
 def _say(message: str) -> None:
@@ -99,6 +101,8 @@ class Trainer:
         if (cfg.batch_size // self.world) % cfg.grad_accum:
             raise ValueError(f"the per-rank batch {cfg.batch_size // self.world} does not divide into "
                              f"--grad-accum {cfg.grad_accum} micro-batches")
+        if cfg.val_split is None:  # a new run holds out interleaved blocks; a resumed one keeps its split
+            cfg.val_split = resumed_val_split(cfg.resume)
         torch.manual_seed(cfg.seed)  # fresh weights are a function of the seed, the same on every rank
         self.model = load(cfg.model, force_download=cfg.force_download, **cfg.model_overrides)
         self.family = family_of(self.model)  # all the trainer knows of the model's family
@@ -361,7 +365,8 @@ class Trainer:
                     data_state={"next_step": self.step_done, "seed": self.cfg.seed, "tokens": self.tokens_done},
                     config={"train": self.cfg.to_dict(), "model": self.model.config.to_dict(),
                             "changes": self.changes},
-                    metrics=self.metrics, keep_last=self.cfg.keep_last)
+                    metrics=self.metrics, keep_last=self.cfg.keep_last,
+                    tokenizer=getattr(self.task, "tokenizer", None))
             except Exception as err:  # noqa: BLE001 -- every rank must learn of it, then it is raised
                 error = err
         # In place of a barrier: every rank learns whether rank 0 saved, so none waits for a rank that died.
@@ -389,10 +394,12 @@ class Trainer:
                                                                c["changed"].items()} for c in self.changes}}
                if self.changes else {}),
             "final metrics": {k: round(v, 5) for k, v in summary.items()
-                              if k in ("loss", "val_loss", "val_ppl", "tokens_per_s") and v is not None},
+                              if k in ("loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s") and v is not None},
         }
         try:
             model.save_pretrained(tmp, training=training)
+            if getattr(self.task, "tokenizer", None) is not None:  # the tokenizer the run trained with
+                save_tokenizer(self.task.tokenizer, tmp, model_max_length=getattr(model.config, "max_seq_len", None))
             if final.exists():
                 old = self.run_dir / f".tmp-old-final-{os.getpid()}"
                 final.rename(old)
@@ -486,6 +493,15 @@ class Trainer:
     def _stop_signal(self) -> int:
         """The signal that asked this run to stop (on any rank), or 0: every rank stops at the same step."""
         return self._max_over_ranks(int(self.stop_requested))
+
+
+def resumed_val_split(resume: str | None) -> str:
+    """The validation split of the run `--resume` continues: the one its newest checkpoint recorded, "tail" for
+    a run made before the split was recorded (it held out the contiguous tail); "interleaved" for a new run."""
+    saved = saved_train_settings(resume) if resume else None
+    if saved is None:
+        return "interleaved"
+    return saved.get("val_split") or LEGACY_VALUES["val_split"]
 
 
 def _signal_name(signum: int) -> str:

@@ -6,6 +6,7 @@ AutoModelForCausalLM, so that their `from_pretrained` reads zoo checkpoint folde
 
 from zoo.catalog import CATALOG, Entry, list_models, register
 from zoo.loading import load, load_checkpoint
-from zoo.tokenizer import ByteTokenizer
+from zoo.tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
 
-__all__ = ["CATALOG", "ByteTokenizer", "Entry", "list_models", "load", "load_checkpoint", "register"]
+__all__ = ["CATALOG", "ByteTokenizer", "Entry", "list_models", "load", "load_checkpoint", "load_tokenizer",
+           "register", "save_tokenizer"]

@@ -67,10 +67,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Print a continuation of the prompt."""
     from zoo.generation import generate_text
+    from zoo.tokenizer import load_tokenizer
 
     model = load_model(args)
+    tokenizer = load_tokenizer(args.model, force_download=args.force_download)  # the model's own
     print(generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, greedy=args.greedy, seed=args.seed))
+                        top_k=args.top_k, greedy=args.greedy, seed=args.seed, tokenizer=tokenizer))
     return 0
 
 
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a model")
     p.add_argument("model", help="catalog name (random weights), checkpoint folder or Hub repo id")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="tokens to generate (default 200; bytes for the byte tokenizer)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
     p.add_argument("--greedy", action="store_true", help="take the likeliest token every step")

@@ -26,9 +26,9 @@ def bundled(tmp_path_factory) -> TokenData:
     return load_token_data(seq_len=64, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def _stream(n: int) -> TokenData:
+def _stream(n: int, val_split: str = "interleaved") -> TokenData:
     """TokenData over the tokens 0..n-1 (as int64, so every token says where it sits in the stream)."""
-    return TokenData(np.arange(n, dtype=np.int64), seq_len=7, val_fraction=0.25)
+    return TokenData(np.arange(n, dtype=np.int64), seq_len=7, val_fraction=0.25, val_split=val_split)
 
 
 def _text(ids: torch.Tensor) -> str:
@@ -51,7 +51,8 @@ def test_bundled_corpus_first_block_is_the_jargon_file(bundled):
 def test_batch_rows_are_train_blocks_of_the_stream(bundled):
     x = bundled.train_batch(step=3, batch_size=4)
     assert x.dtype == torch.long and x.shape == (4, 65)
-    train_blocks = np.asarray(bundled.tokens[: bundled.num_train_blocks * 65]).reshape(-1, 65)
+    blocks = np.asarray(bundled.tokens[: (bundled.num_train_blocks + bundled.num_val_blocks) * 65]).reshape(-1, 65)
+    train_blocks = blocks[[i for i in range(len(blocks)) if (i + 1) % 20]]  # every 20th block is held out
     for row in x.numpy():
         assert np.all(train_blocks == row, axis=1).any()
     assert bundled.tokens_per_step(4) == 4 * 64
@@ -85,8 +86,12 @@ def test_batch_size_not_divisible_by_world_size_names_both():
         _stream(400).train_batch(0, 5, world_size=2)
 
 
-def test_train_and_val_blocks_are_disjoint_and_tile_the_stream():
-    d = _stream(403)  # 50 blocks of 8, 3 tail tokens dropped
+@pytest.mark.parametrize(("val_split", "expected_val"), [
+    ("interleaved", [3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47]),  # every 4th block at val_fraction 0.25
+    ("tail", list(range(38, 50))),  # the split of runs made before the interleaved one
+])
+def test_train_and_val_blocks_are_disjoint_and_tile_the_stream(val_split, expected_val):
+    d = _stream(403, val_split)  # 50 blocks of 8, 3 tail tokens dropped
     assert (d.num_train_blocks, d.num_val_blocks) == (38, 12)
     train = torch.cat([d.train_batch(0, d.num_train_blocks)])
     val = torch.cat(list(d.val_batches(5)))
@@ -96,12 +101,12 @@ def test_train_and_val_blocks_are_disjoint_and_tile_the_stream():
         assert block[0] % 8 == 0 and torch.equal(block, block[0] + torch.arange(8))
     train_starts = set((train[:, 0] // 8).tolist())
     val_starts = (val[:, 0] // 8).tolist()
-    assert train_starts == set(range(38)) and val_starts == list(range(38, 50))
+    assert val_starts == expected_val and train_starts == set(range(50)) - set(expected_val)
     assert torch.equal(val, torch.cat(list(d.val_batches(5))))  # same order every time
 
 
 def test_an_epoch_visits_every_train_block_once_then_reshuffles():
-    d = _stream(8 * 40)  # 30 train blocks
+    d = _stream(8 * 40, "tail")  # 30 train blocks, the first 30 of the stream
     assert d.num_train_blocks == 30
     # batches of 4 cross the epoch boundary inside step 7 (samples 28..31)
     samples = torch.cat([d.train_batch(s, 4, seed=9) for s in range(15)])[:, 0] // 8

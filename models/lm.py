@@ -26,16 +26,21 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from layers import attention, linear, mlp
+from layers import attention, linear, mlp, norm
 from layers.attention import SelfAttention
-from layers.moe import moe_layers, set_num_experts_per_tok, set_top_p
-from layers.norm import RMSNorm
+from layers.attention.self_attention import BIASES, QK_NORMS
+from layers.moe import MoEMLP, moe_layers, set_num_experts_per_tok, set_top_p
+from layers.norm import LayerNorm, RMSNorm, UnitOffsetRMSNorm, make_norm
 from layers.registry import check_kwargs
-from layers.rotary import RotaryEmbedding
+from layers.rotary import RotaryEmbedding, default_frequencies
 from models.base import ZooPreTrainedModel
-from models.versioning import VersionedConfig
+from models.versioning import VersionedConfig, fill_missing
 
 LINEAR_TARGETS = ("mlp", "attn", "all")
+POSITIONS = ("rope", "learned")  # rotary embeddings of q and k, or a learned table added to the input (GPT-2)
+# The scaled RoPE variants (transformers' rope_type and its parameters, in rope_kwargs) whose frequencies are
+# fixed at build time; "dynamic" / "longrope" change them with the sequence length and are not supported.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -121,12 +126,17 @@ def _upgrade_v0(raw: dict) -> dict:
     return {**raw, "mlp_kwargs": options}
 
 
+# Version 1 -> 2: the fields that let the LM hold imported architectures; their defaults are what version 1 did.
+_V2_FIELDS = {"head_dim": None, "attention_bias": "none", "qk_norm": "none", "norm": "rms", "position": "rope",
+              "rope_kwargs": {}, "embedding_scale": 1.0, "dense_mlp_layers": []}
+
+
 @strict
 class ZooLMConfig(VersionedConfig, PreTrainedConfig):
     """Config of the zoo's decoder LM: sizes plus the names and options of its attention, MLP and linear kinds."""
 
     model_type = "zoo_lm"
-    UPGRADES = (_upgrade_v0,)
+    UPGRADES = (_upgrade_v0, fill_missing(_V2_FIELDS))
     ALIASES = MOE_ALIASES  # accepted as keywords (and load() overrides), stored in mlp_kwargs
     # transformers' generic names for our fields (used by its caches, pipelines and tools).
     attribute_map = {
@@ -153,12 +163,21 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
     linear_kwargs: dict = field(default_factory=dict)
     linear_targets: str = "all"  # which projections use the linear kind: "mlp", "attn" or "all"
     rope_theta: float = 10000.0
+    # The building blocks of other architectures (version 2; defaults = the zoo's own LM):
+    head_dim: int | None = None  # None: d_model / n_heads
+    attention_bias: str = "none"  # projections with a bias: "none", "qkv" (Qwen2), "all" (GPT-2)
+    qk_norm: str = "none"  # RMSNorm of q and k: "none", "head" (per head, Qwen3), "full" (whole projection, OLMoE)
+    norm: str = "rms"  # a name in layers.norm.KINDS: "rms", "rms_unit_offset" (Gemma's 1 + w), "layer" (GPT-2)
+    position: str = "rope"  # "rope" or "learned" (a table of max_seq_len positions added to the input, GPT-2)
+    rope_kwargs: dict = field(default_factory=dict)  # scaled RoPE: transformers' rope_type and its parameters
+    embedding_scale: float = 1.0  # the input embedding is multiplied by this (Gemma: sqrt(d_model))
+    dense_mlp_layers: list = field(default_factory=list)  # with mlp="moe": blocks with a dense SwiGLU of d_ff
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_word_embeddings: bool = True
     zoo_name: str | None = None  # the catalog entry this config came from, if any
     use_cache: bool = True  # forward returns a KV cache unless told otherwise (transformers' field)
-    config_version: int = 1  # the layout of this config (models/versioning.py); older dicts are upgraded
+    config_version: int = 2  # the layout of this config (models/versioning.py); older dicts are upgraded
 
     def __post_init__(self, **kwargs):
         # The MoE aliases (num_experts_per_tok=...) arrive here as unknown keywords: into mlp_kwargs.
@@ -178,31 +197,51 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
             _check(value >= 1, name, value, "must be >= 1")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "norm_eps", "init_std", "embedding_scale"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
-        for name in ("attention", "mlp", "linear"):
+        for name in ("attention", "mlp", "linear", "norm"):
             _check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a kind name (a string)")
-        for name in ("attention_kwargs", "mlp_kwargs", "linear_kwargs"):
+        for name in ("attention_kwargs", "mlp_kwargs", "linear_kwargs", "rope_kwargs"):
             value = getattr(self, name)
             _check(isinstance(value, dict), name, value, "must be a dict of keyword arguments")
         _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
                "must be true or false")
         _check(self.zoo_name is None or isinstance(self.zoo_name, str), "zoo_name", self.zoo_name,
                "must be a catalog name (a string) or None")
-        _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
-               f"must be divisible by n_heads={self.n_heads}")
-        _check((self.d_model // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
-               f"head_dim = d_model / n_heads = {self.d_model / self.n_heads:g} must be even (rotary embeddings)")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                   f"must be divisible by n_heads={self.n_heads} (or set head_dim)")
+        else:
+            _check(isinstance(self.head_dim, int) and not isinstance(self.head_dim, bool) and self.head_dim >= 1,
+                   "head_dim", self.head_dim, "must be null (d_model / n_heads) or an integer >= 1")
+        _check(self.position in POSITIONS, "position", self.position, f"one of {POSITIONS}")
+        if self.position == "rope":
+            _check(self.attention_head_dim() % 2 == 0, "head_dim", self.attention_head_dim(),
+                   "must be even (rotary embeddings)")
+            rope_type = self.rope_kwargs.get("rope_type", "default")
+            _check(rope_type in ROPE_TYPES, "rope_kwargs.rope_type", rope_type, f"one of {ROPE_TYPES}")
+        _check(self.attention_bias in BIASES, "attention_bias", self.attention_bias, f"one of {BIASES}")
+        _check(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"one of {QK_NORMS}")
+        _check(isinstance(self.dense_mlp_layers, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.dense_mlp_layers),
+            "dense_mlp_layers", self.dense_mlp_layers, f"must be a list of block indices in [0, {self.n_layers})")
+        _check(not self.dense_mlp_layers or self.mlp != "swiglu", "dense_mlp_layers", self.dense_mlp_layers,
+               "names blocks that use a dense SwiGLU instead of the mlp kind; with mlp='swiglu' every block does")
         _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                f"must divide n_heads={self.n_heads}")
         _check(self.linear_targets in LINEAR_TARGETS, "linear_targets", self.linear_targets,
                f"one of {LINEAR_TARGETS}")
-        for name, registry in (("attention", attention.KINDS), ("mlp", mlp.KINDS), ("linear", linear.KINDS)):
+        for name, registry in (("attention", attention.KINDS), ("mlp", mlp.KINDS), ("linear", linear.KINDS),
+                               ("norm", norm.KINDS)):
             registry.check(getattr(self, name), name)
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "norm_eps", "init_std", "embedding_scale"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         self._validate_kind_options()
+
+    def attention_head_dim(self) -> int:
+        """The width of one attention head (head_dim, or d_model / n_heads)."""
+        return self.head_dim or self.d_model // self.n_heads
 
     def mlp_linear(self) -> tuple[str, dict]:
         """The linear kind (and its kwargs) of the MLP projections."""
@@ -232,13 +271,17 @@ class DecoderBlock(GradientCheckpointingLayer):
         super().__init__()
         c = config
         # The linear kind replaces nn.Linear in the projections that linear_targets names.
-        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn_norm = make_norm(c.norm, c.d_model, c.norm_eps)
         self.attn = SelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.attention, c.attention_kwargs,
-                                  *c.attn_linear(), layer_idx=layer_idx)
-        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+                                  *c.attn_linear(), layer_idx=layer_idx, head_dim=c.attention_head_dim(),
+                                  bias=c.attention_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
+        self.mlp_norm = make_norm(c.norm, c.d_model, c.norm_eps)
         mlp_linear, mlp_linear_kwargs = c.mlp_linear()
-        self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear, linear_kwargs=mlp_linear_kwargs,
-                                    layer_idx=layer_idx, **c.mlp_kwargs)
+        if layer_idx in c.dense_mlp_layers:  # DeepSeek's first dense layers, Qwen2-MoE's mlp_only_layers
+            self.mlp = mlp.SwiGLU(c.d_model, c.d_ff, linear=mlp_linear, linear_kwargs=mlp_linear_kwargs)
+        else:
+            self.mlp = mlp.KINDS[c.mlp](c.d_model, c.d_ff, linear=mlp_linear, linear_kwargs=mlp_linear_kwargs,
+                                        layer_idx=layer_idx, **c.mlp_kwargs)
 
     def forward(self, x, cos, sin, cache=None, key_padding_mask=None, reports: list | None = None,
                 kv_length: int | None = None, implementation: str = "sdpa") -> torch.Tensor:
@@ -300,25 +343,34 @@ class ZooLMPreTrainedModel(ZooPreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, UnitOffsetRMSNorm):  # scale 1 + w: w = 0 is the identity
+            init.zeros_(module.weight)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, RotaryEmbedding):
-            hd = module.inv_freq.numel() * 2
-            theta = self.config.rope_theta
-            init.copy_(module.inv_freq, 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            init.copy_(module.inv_freq, rope_frequencies(self.config)[0])
         elif hasattr(module, "init_weights_"):  # layers with their own structure (Monarch, experts...)
             module.init_weights_(std)
 
 
 class ZooLMModel(ZooLMPreTrainedModel):
-    """The backbone: embedding, n_layers DecoderBlocks, final RMSNorm (`AutoModel` gives this)."""
+    """The backbone: embedding, n_layers DecoderBlocks, final norm (`AutoModel` gives this)."""
 
     def __init__(self, config: ZooLMConfig):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        # Learned positions (GPT-2) are a table added to the input; rotary ones rotate q and k in attention.
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.d_model // config.n_heads, config.rope_theta)
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        if config.position == "rope":
+            inv_freq, scaling = rope_frequencies(config)
+            self.rotary = RotaryEmbedding(config.attention_head_dim(), config.rope_theta, inv_freq, scaling)
+        else:
+            self.rotary = None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -352,6 +404,8 @@ class ZooLMModel(ZooLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, d_model)
+        if c.embedding_scale != 1.0:  # Gemma: the scale in the activations' dtype, as transformers applies it
+            x = x * torch.tensor(c.embedding_scale, dtype=x.dtype)
         b, s, _ = x.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=c)
@@ -360,7 +414,11 @@ class ZooLMModel(ZooLMPreTrainedModel):
             raise ValueError(f"sequence length {past + s} exceeds the model's max_seq_len={c.max_seq_len}")
         if position_ids is None:
             position_ids = (torch.arange(s, device=x.device) + past).expand(b, s)
-        cos, sin = self.rotary(position_ids, x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+            cos = sin = None
+        else:
+            cos, sin = self.rotary(position_ids, x.dtype)
         key_padding_mask = _key_padding_mask(attention_mask, s, past + s)
         implementation = c._attn_implementation or "sdpa"
         aux: dict[str, torch.Tensor] = {}
@@ -407,6 +465,23 @@ class ZooLMModel(ZooLMPreTrainedModel):
     def cost(self, seq_len: int | None = None, sample: torch.Tensor | None = None) -> dict[str, float]:
         """As ZooLMForCausalLM.cost, without the LM head."""
         return _cost(self, seq_len, sample, head_flops=0)
+
+
+def rope_frequencies(config: ZooLMConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of the config's RoPE: plain, or a scaled variant (rope_kwargs) computed by
+    transformers' own function for that rope_type, so that imported checkpoints rotate as they were trained."""
+    head_dim = config.attention_head_dim()
+    rope_type = config.rope_kwargs.get("rope_type", "default")
+    if rope_type == "default":
+        return default_frequencies(head_dim, config.rope_theta), 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {**config.rope_kwargs, "rope_theta": config.rope_theta}
+    hf = LlamaConfig(hidden_size=config.d_model, num_attention_heads=config.n_heads, head_dim=head_dim,
+                     max_position_embeddings=config.max_seq_len, rope_parameters=params)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, None)
+    return inv_freq.float(), float(scaling)
 
 
 def _one_cache(cache, past_key_values):
@@ -528,19 +603,23 @@ class ZooLMForCausalLM(ZooLMPreTrainedModel, GenerationMixin):
         The config's mlp_kwargs (num_experts_per_tok, or num_experts_per_tok_by_layer when layers differ)
         follow, so that cost() and a later save_pretrained record the new k.
         """
-        found = moe_layers(self)
-        chosen = list(range(len(found))) if layers is None else list(layers)
+        moe = {i: block.mlp for i, block in enumerate(self.blocks) if isinstance(block.mlp, MoEMLP)}
+        if not moe:
+            raise ValueError("the model has no MoE layer (mlp='moe')")
+        chosen = sorted(moe) if layers is None else list(layers)
         for i in chosen:
-            if not 0 <= i < len(found):
-                raise ValueError(f"layer {i} does not exist: the model has {len(found)} MoE layers")
-        set_num_experts_per_tok([found[i] for i in chosen], k)
-        per_layer = [m.router.num_experts_per_tok for m in found]
+            if i not in moe:
+                raise ValueError(f"block {i} is not an MoE layer: the MoE layers are blocks {sorted(moe)}")
+        set_num_experts_per_tok([moe[i] for i in chosen], k)
         options = dict(self.config.mlp_kwargs)
-        if len(set(per_layer)) == 1:
-            options["num_experts_per_tok"] = per_layer[0]
+        ks = {m.router.num_experts_per_tok for m in moe.values()}
+        if len(ks) == 1:
+            options["num_experts_per_tok"] = ks.pop()
             options.pop("num_experts_per_tok_by_layer", None)
-        else:
-            options["num_experts_per_tok_by_layer"] = per_layer
+        else:  # one k per block (a dense block's entry is unused)
+            default = options.get("num_experts_per_tok", 2)
+            options["num_experts_per_tok_by_layer"] = [
+                moe[i].router.num_experts_per_tok if i in moe else default for i in range(len(self.blocks))]
         self.config.mlp_kwargs = options
 
     def set_top_p(self, top_p: float) -> None:
@@ -588,7 +667,7 @@ ZooLM = ZooLMForCausalLM
 
 # Checkpoints keep the names they had before the split ("embed.weight", "blocks.0...", "norm.weight"):
 # transformers renames them on load (and back on save); zoo.load does the same with `module_key`.
-LEGACY_PREFIXES = ("embed.", "blocks.", "norm.", "rotary.")
+LEGACY_PREFIXES = ("embed.", "blocks.", "norm.", "rotary.", "pos_embed.")
 
 
 def module_key(checkpoint_key: str) -> str:

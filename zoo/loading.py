@@ -33,6 +33,7 @@ from torch.nn.modules import module as torch_module
 
 from zoo import hub
 from zoo.catalog import FAMILIES, get_entry
+from zoo.interop import import_checkpoint, transformers_model_type
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, WEIGHTS_INDEX = "config.json", "model.safetensors", "README.md", hub.WEIGHTS_INDEX
 MAX_JSON_BYTES = 16 << 20  # a config or an index is a few KB; more is not a checkpoint
@@ -397,6 +398,9 @@ def load_checkpoint(folder: str | Path, *, dtype: torch.dtype | str | None = Non
     """Load a checkpoint folder (config.json + model.safetensors or sharded weights), strictly."""
     folder = Path(folder)
     dtype = requested_dtype(dtype)
+    read_json(folder / CONFIG_FILE, "a config")  # strictly, before anything else parses it
+    if transformers_model_type(folder) is not None:  # a transformers checkpoint (Llama, Qwen, Mixtral...)
+        return import_checkpoint(folder, dtype=dtype if isinstance(dtype, torch.dtype) else None, **overrides)
     family, config = read_config(folder, **overrides)
     declared = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
     files = weight_files(folder)

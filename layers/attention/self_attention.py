@@ -7,7 +7,11 @@ from torch import nn
 
 from layers.attention import KINDS
 from layers.linear import make_linear
+from layers.norm import RMSNorm
 from layers.rotary import apply_rotary
+
+BIASES = ("none", "qkv", "all")  # which projections have a bias: Llama none, Qwen2 q/k/v, GPT-2 all four
+QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: per head (Qwen3) or over all heads (OLMoE)
 
 
 def kinds_with_weights() -> list[str]:
@@ -16,7 +20,12 @@ def kinds_with_weights() -> list[str]:
 
 
 class SelfAttention(nn.Module):
-    """q/k/v/o projections around an attention kind; grouped-query attention when n_kv_heads < n_heads."""
+    """q/k/v/o projections around an attention kind; grouped-query attention when n_kv_heads < n_heads.
+
+    head_dim defaults to d_model / n_heads. bias: which projections have a bias (BIASES). qk_norm: an
+    RMSNorm (eps norm_eps) of the queries and keys before the rotary embedding, per head of head_dim
+    ("head", Qwen3) or over the whole projection ("full", OLMoE).
+    """
 
     def __init__(
         self,
@@ -28,31 +37,43 @@ class SelfAttention(nn.Module):
         linear: str = "dense",
         linear_kwargs: dict | None = None,
         layer_idx: int = 0,
+        head_dim: int | None = None,
+        bias: str = "none",
+        qk_norm: str = "none",
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
+        if bias not in BIASES or qk_norm not in QK_NORMS:
+            raise ValueError(f"bias={bias!r} must be one of {BIASES} and qk_norm={qk_norm!r} one of {QK_NORMS}")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.layer_idx = layer_idx
         lk = linear_kwargs or {}
-        self.q_proj = make_linear(linear, d_model, n_heads * self.head_dim, **lk)
-        self.k_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, **lk)
-        self.v_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, **lk)
-        self.o_proj = make_linear(linear, n_heads * self.head_dim, d_model, **lk)
+        qkv_bias = bias != "none"
+        self.q_proj = make_linear(linear, d_model, n_heads * self.head_dim, bias=qkv_bias, **lk)
+        self.k_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, bias=qkv_bias, **lk)
+        self.v_proj = make_linear(linear, d_model, n_kv_heads * self.head_dim, bias=qkv_bias, **lk)
+        self.o_proj = make_linear(linear, n_heads * self.head_dim, d_model, bias=bias == "all", **lk)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else n_heads * self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else n_kv_heads * self.head_dim, norm_eps)
         self.kind = kind
         self.kernel = KINDS[kind](head_dim=self.head_dim, **(kind_kwargs or {}))
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         cache=None,
         key_padding_mask: torch.Tensor | None = None,
         kv_length: int | None = None,
         implementation: str = "sdpa",
         return_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (batch, seq, d_model). `cache` is a transformers Cache (anything with update(k, v, layer_idx)).
+        """x: (batch, seq, d_model); cos/sin: the rotary angles (None: no rotary, positions are elsewhere). `cache` is a transformers Cache (anything with update(k, v, layer_idx)).
 
         kv_length: the keys that exist after this step (past + current); a static cache returns its whole
         preallocated buffer, of which only these are written. implementation: "sdpa" or "eager" (the
@@ -61,11 +82,17 @@ class SelfAttention(nn.Module):
         never form them).
         """
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # (batch, heads, seq, head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # keys/values of every position so far
             if kv_length is not None and k.shape[2] != kv_length:
@@ -90,4 +117,6 @@ class SelfAttention(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: the four projections plus the attention kind over seq_len."""
         proj = sum(m.flops_per_token() for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        if self.qk_norm != "none":  # a square, a mean, a scale and a product per element (an estimate)
+            proj += 4 * (self.n_heads + self.n_kv_heads) * self.head_dim
         return proj + self.n_heads * self.kernel.flops_per_token(seq_len, causal=True)

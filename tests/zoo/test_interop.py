@@ -20,7 +20,8 @@ def test_transformers_model_with_our_weights_gives_our_logits(name, cls, kv_head
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"attention": "local", "attention_kwargs": {"window": 8}}, "attention"),
+    ({"attention": "lsh"}, "attention"),
+    ({"attention": "performer"}, "attention"),
     ({"linear": "monarch", "linear_kwargs": {"nblocks": 4}}, "linear"),
 ])
 def test_kinds_without_a_transformers_equivalent_are_refused_by_name(overrides, field):

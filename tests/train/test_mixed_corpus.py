@@ -70,7 +70,7 @@ def test_generated_records_are_consistent(docs):
         if text.startswith("order,"):
             lines = text.splitlines()
             header = lines[0].split(",")
-            records = [dict(zip(header, line.split(","))) for line in lines[1:]]
+            records = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
         else:
             records = [json.loads(line) for line in text.splitlines()]
         for r in records:

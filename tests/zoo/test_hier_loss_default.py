@@ -1,4 +1,4 @@
-"""sae-hier-topk-tiny trains with the HierarchicalTopK paper's loss by default (issue 17 item 5); log-area is an option."""
+"""sae-hier-topk-tiny trains with the HierarchicalTopK paper's mean loss by default (issue 17 item 5)."""
 
 import json
 from pathlib import Path

@@ -282,8 +282,22 @@ def _encode_texts(tokenizer: Any, texts: list[str], with_special: bool = True) -
     return [tokenizer.encode(t) for t in texts]
 
 
+def _batches(part: Any, size: int, source: Any) -> Iterator[dict]:
+    """The batches of a dataset; a row that a streamed dataset cannot read is a DataFileError naming the source
+    (a file's line is found before loading; a streamed Hub file is read only here)."""
+    batches = part.iter(batch_size=size)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 -- whatever the reader raised, one line naming the source
+            raise DataFileError(f"{source}: cannot read the streamed rows: {_root_cause(e)}") from e
+        yield batch
+
+
 def _tokenize(parts: list[Any], text_column: str, tokenizer: Any, dtype: np.dtype,
-              max_tokens: int | None = None) -> np.ndarray:
+              max_tokens: int | None = None, source: Any = "the corpus") -> np.ndarray:
     """One flat token array of all non-empty documents, joined by SEPARATOR; the first max_tokens tokens
     only when given (the rest of the corpus is then never read: a streamed dataset stops downloading)."""
     sep = np.asarray(_encode_texts(tokenizer, [SEPARATOR], with_special=False)[0], dtype=dtype)
@@ -298,7 +312,8 @@ def _tokenize(parts: list[Any], text_column: str, tokenizer: Any, dtype: np.dtyp
                    disable=not big)
     with bar:
         for part in parts:
-            for batch in part.iter(batch_size=1024):
+            # a streamed dataset is read as far as the batches go: small ones stop close to max_tokens
+            for batch in _batches(part, 1024 if sized else 128, source):
                 if text_column not in batch:  # a streamed dataset says its columns only now
                     raise ValueError(f"no text column {text_column!r} in the dataset; its columns are "
                                      f"{sorted(batch)} (choose one with --text-column)")
@@ -501,7 +516,7 @@ def load_token_data(source: str | os.PathLike | Sequence[str | os.PathLike] | No
     if tokens is None:  # tokenize once; later calls with the same source and tokenizer reuse the file
         parts = _load_datasets(resolved, text_column, cache / "datasets", config=data_config, split=split,
                                streaming=streaming and hub_name is not None)
-        tokens = _tokenize(parts, text_column, tokenizer, token_dtype(vocab), max_tokens)
+        tokens = _tokenize(parts, text_column, tokenizer, token_dtype(vocab), max_tokens, source=resolved)
         if len(tokens) == 0:
             raise ValueError(f"the corpus {source!r} is empty: no text in column {text_column!r}")
         _save_atomic(path, tokens)

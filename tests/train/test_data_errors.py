@@ -70,3 +70,29 @@ def test_data_errors_are_value_errors_the_cli_prints(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2:" in err and "Traceback" not in err
+
+
+def test_a_parquet_file_without_the_text_column_lists_its_columns(tmp_path):
+    (tmp_path / "p.parquet").write_bytes(parquet_bytes(pa.table({"body": ["a", "b"], "n": [1, 2]})))
+    with pytest.raises(ValueError, match=r"no text column 'text'.*body.*n.*--text-column"):
+        load(tmp_path, "p.parquet")
+
+
+def test_the_text_column_flag_names_the_column_in_errors(tmp_path):
+    (tmp_path / "c.jsonl").write_text(GOOD + json.dumps({"text": "fine", "body": 3}) + "\n")
+    with pytest.raises(DataFileError, match=r"c\.jsonl:21: field 'body' is 3 \(int\)"):
+        load_token_data([str(tmp_path / "c.jsonl")], seq_len=8, cache_dir=tmp_path / "cache", text_column="body")
+
+
+@pytest.mark.parametrize(("name", "data"), [("empty.txt", b""), ("blank.jsonl", b'{"text": ""}\n\n{"text": null}\n')])
+def test_a_file_without_text_is_an_error_naming_it(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}.*empty"):
+        load(tmp_path, name)
+
+
+def test_a_gzipped_file_cut_short_is_named(tmp_path):
+    data = gzip.compress(GOOD.encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFileError, match=r"cut\.jsonl\.gz.*gzip"):
+        load(tmp_path, "cut.jsonl.gz")

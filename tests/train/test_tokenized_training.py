@@ -278,3 +278,19 @@ def test_the_sae_data_reads_the_text_column_and_records_the_split(source_lm, tmp
     assert sae_data.identity["val_split"] == "interleaved"
     tail = SAEData(str(source_lm), "blocks.1", [str(data)], 32, text_column="body", val_split="tail")
     assert tail.identity != sae_data.identity  # another split: another activation cache
+
+
+def test_zoo_convert_evaluates_with_the_model_tokenizer_and_writes_it(bpe_model, tmp_path, capsys):
+    from zoo.cli import main
+
+    out = tmp_path / "converted"
+    assert main(["convert", str(bpe_model), "--to", "moe", "--experts", "2", "--eval-batches", "2",
+                 "--seq-len", "16", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    tok = bpe_tokenizer()
+    d = load_token_data(seq_len=16, tokenizer=tok)  # the bundled corpus, in the model's BPE tokens
+    expected = evaluate_lm(zoo.load(bpe_model), d, 16, 2)
+    assert report["val_loss_before"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    assert report["val_bpb_before"] == pytest.approx(expected["val_bpb"], rel=1e-5)
+    assert load_tokenizer(out).encode(SENTENCES[3]) == tok.encode(SENTENCES[3])
+    assert "val bpb after" in (out / "README.md").read_text()

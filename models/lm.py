@@ -28,6 +28,7 @@ from transformers.utils import can_return_tuple
 
 from layers import attention, linear, mlp, norm
 from layers.attention import SelfAttention
+from layers.attention.random_projection import RandomProjection
 from layers.attention.self_attention import BIASES, QK_NORMS
 from layers.moe import MoEMLP, moe_layers, set_num_experts_per_tok, set_top_p
 from layers.norm import LayerNorm, RMSNorm, UnitOffsetRMSNorm, make_norm
@@ -482,6 +483,13 @@ def rope_frequencies(config: ZooLMConfig) -> tuple[torch.Tensor, float]:
                      max_position_embeddings=config.max_seq_len, rope_parameters=params)
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, None)
     return inv_freq.float(), float(scaling)
+
+
+def drawn_buffers(model: nn.Module) -> set[str]:
+    """The state-dict names of random-projection buffers (lsh / performer / scatterbrain): drawn when a model
+    is built, held by no checkpoint of another attention kind."""
+    return {f"{path}.{name}" for path, m in model.named_modules() if isinstance(m, RandomProjection)
+            for name, _ in m.named_buffers(recurse=False)}
 
 
 def _one_cache(cache, past_key_values):

@@ -46,7 +46,8 @@ MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def tiny_tokenizer():
-    """A real fast tokenizer with VOCAB ids at most (BPE trained on a few sentences)."""
+    """A real fast tokenizer with fewer ids than VOCAB (BPE trained on a few sentences; transformers may add
+    special tokens of the architecture when it loads it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +55,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     text = ["the quick brown fox jumps over the lazy dog", "sparse models route tokens to experts",
             "attention is all you need", "hello world"] * 10
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"]))
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 16, special_tokens=["<unk>", "<eos>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoo convert", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a trained checkpoint folder (or Hub repo id)")
-    parser.add_argument("--to", required=True, help=f"target kind, one of {sorted(CONVERTERS) or '(none yet)'}")
+    parser.add_argument("--to", required=True, help=f"target kind, one of {sorted(CONVERTERS) or '(none yet)'}; "
+                        f"attention=KIND swaps the attention kind (its options: --option window=64 ...)")
     parser.add_argument("--out", default=None, help="folder for the converted checkpoint (default CKPT-to-KIND)")
     parser.add_argument("--experts", type=int, default=None, help="moe: number of experts")
     parser.add_argument("--nblocks", type=int, default=None, help="monarch: number of blocks")
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="evaluation sequence length")
     add_hub_flags(parser)
     args = parser.parse_args(argv)
-    if args.to not in CONVERTERS:
+    target, _, kind = args.to.partition("=")  # attention=scatterbrain: the converter and its kind
+    if target not in CONVERTERS:
         raise ValueError(f"--to {args.to!r}: known conversions are {sorted(CONVERTERS)}")
 
     from train.data import load_token_data
@@ -57,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in (("num_experts", args.experts), ("nblocks", args.nblocks),
                                  ("layers", args.layers)) if v is not None}
     options.update(dict(args.option))
-    converted, report = CONVERTERS[args.to](model, **options)
+    if kind:
+        options["kind"] = kind
+    converted, report = CONVERTERS[target](model, **options)
     measured_after = evaluate_lm(converted, data, 16, args.eval_batches)
     after = measured_after["val_loss"]
     bpb = {f"val_bpb_{when}": m["val_bpb"] for when, m in (("before", measured), ("after", measured_after))
            if "val_bpb" in m}
-    out = Path(args.out or f"{str(args.checkpoint).rstrip('/')}-to-{args.to}")
+    out = Path(args.out or f"{str(args.checkpoint).rstrip('/')}-to-{args.to.replace('=', '-')}")
     converted.save_pretrained(out, training={"converted from": str(args.checkpoint), "conversion": args.to,
                                              "val_loss before": round(before, 5), "val_loss after": round(after, 5),
                                              **{k.replace("_", " "): round(v, 5) for k, v in bpb.items()}})

@@ -83,6 +83,8 @@ TRAINER_COMMANDS = {
     "publish": ("train.publish", "push a checkpoint folder to the Hugging Face Hub"),
     "quickstart": ("train.quickstart", "train lm-dense-tiny briefly, save, load back, generate"),
     "convert": ("train.convert", "convert a checkpoint to another kind (e.g. --to moe, --to monarch)"),
+    "frontier": ("train.frontier", "train every LM family under the protocol; loss vs FLOPs and tokens/s (issue 17)"),
+    "export": ("zoo.export", "write a checkpoint as a transformers folder (or a zoo one: --to zoo)"),
 }
 
 

@@ -31,6 +31,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from torch.nn.modules import module as torch_module
 
+from models.lm import drawn_buffers
 from zoo import hub
 from zoo.catalog import FAMILIES, get_entry
 from zoo.interop import import_checkpoint, transformers_model_type
@@ -338,9 +339,11 @@ def _bounded_build(max_params: int, max_elements: int, max_modules: int):
             handle.remove()
 
 
-def expected_tensors(model_cls, config, stored: dict, where: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+def expected_tensors(model_cls, config, stored: dict, where: str,
+                     swaps_attention: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The state dict (on the meta device) that `config` implies, without the tied copies that are stored
-    once, and the names of those copies (a file may hold them too; they are not read)."""
+    once (nor, when the overrides swap the attention kind, the random projections that kind draws), and the
+    names of those left out (a file may hold them; they are not read)."""
     elements = sum(math.prod(t.shape) for t in stored.values())
     tied = getattr(model_cls, "_tied_weights_keys", None) or {}
     try:
@@ -354,6 +357,9 @@ def expected_tensors(model_cls, config, stored: dict, where: str) -> tuple[dict[
         raise ValueError(f"cannot build {model_cls.__name__} from {where}: {type(err).__name__}: {err}") from err
     expected = model.state_dict()
     copies = set(tied) if getattr(config, "tie_word_embeddings", False) else set()
+    # Random projections (lsh / performer / scatterbrain) that a checkpoint of another attention kind cannot
+    # hold: drawn at build time. Only a kind swapped on by the overrides may lack them.
+    copies |= drawn_buffers(model) if swaps_attention else set()
     return {k: v for k, v in expected.items() if k not in copies}, copies
 
 
@@ -418,7 +424,9 @@ def load_checkpoint(folder: str | Path, *, dtype: torch.dtype | str | None = Non
         stored[key] = tensor
     # What the weights are checked against: config.json, as changed by the overrides if any.
     against = f"{folder / CONFIG_FILE}" + (f" with the overrides {overrides}" if overrides else "")
-    expected, copies = expected_tensors(model_cls, config, stored, against)
+    swaps = "attention" in overrides and overrides["attention"] != read_json(folder / CONFIG_FILE, "a config").get(
+        "attention")
+    expected, copies = expected_tensors(model_cls, config, stored, against, swaps_attention=swaps)
     check_against(stored, expected, copies, weights, against, declared, to_module)
     model = build_model(model_cls, config, where=against)  # allocates what the files were shown to hold
     params = model.state_dict()

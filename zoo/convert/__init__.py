@@ -25,3 +25,4 @@ from zoo.convert import structured  # noqa: E402,F401
 # isort: split
 from zoo.convert import moe  # noqa: E402,F401
 from zoo.convert.moe import moe_from_transformers  # noqa: E402,F401
+from zoo.convert import attention  # noqa: E402,F401

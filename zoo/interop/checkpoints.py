@@ -18,8 +18,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from layers.attention.random_projection import RandomProjection
-from models.lm import ZooLMConfig, ZooLMForCausalLM
+from models.lm import ZooLMConfig, ZooLMForCausalLM, drawn_buffers
 from models.sae import SAEConfig
 from zoo.hub import TOKENIZER_FILES
 from zoo.interop.architectures import ARCHITECTURES, architecture, export_architecture, hf_state, zoo_state
@@ -47,13 +46,6 @@ def zoo_config_of(hf_config, **overrides) -> tuple[ZooLMConfig, dict]:
     return make_config(ZooLMConfig, fields, overrides, where=f"a {arch.config_class}"), fields
 
 
-def _drawable(model: nn.Module) -> set[str]:
-    """The state-dict names a checkpoint of another attention kind cannot hold: random projections' buffers,
-    drawn afresh (a kind swapped onto a model brings its own projection)."""
-    return {f"{path}.{name}" for path, m in model.named_modules() if isinstance(m, RandomProjection)
-            for name, _ in m.named_buffers(recurse=False)}
-
-
 @torch.no_grad()
 def from_transformers_model(hf_model, *, dtype: torch.dtype | None = None, **overrides) -> ZooLMForCausalLM:
     """A zoo LM with the weights of a live transformers causal LM (same logits at the same settings)."""
@@ -74,7 +66,7 @@ def _build(config: ZooLMConfig, state: dict, hf_config, dtype) -> ZooLMForCausal
     with torch.device("meta"):
         model = ZooLMForCausalLM(config)
     expected = model.state_dict()
-    drawable = _drawable(model)
+    drawable = drawn_buffers(model)
     missing = sorted(set(expected) - set(mapped) - drawable - tied)
     wrong = sorted(k for k, v in mapped.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
     unexpected = sorted(set(mapped) - set(expected))

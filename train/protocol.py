@@ -231,21 +231,31 @@ def train_run(spec: RunSpec, work: Path, keep_final: bool = True, quiet: bool = 
                       data=list(spec.data) if spec.data else None, warmup_steps=spec.warmup_steps,
                       eval_every=spec.steps, checkpoint_every=spec.steps, eval_batches=1, keep_last=1,
                       log_every=max(1, spec.steps // 4))
-    start = time.perf_counter()
-    with open(os.devnull, "w") as sink, (contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with open(os.devnull, "w") as sink, contextlib.ExitStack() as stack:
+        if quiet:  # the trainer's progress bar and log lines
+            stack.enter_context(contextlib.redirect_stderr(sink))
+            stack.enter_context(contextlib.redirect_stdout(sink))
         trainer = Trainer(cfg)
         summary = trainer.run()
     if summary.get("interrupted"):
         raise KeyboardInterrupt(f"{spec.name()} interrupted at step {summary.get('step')}")
     model = trainer.model
     losses = held_out_losses(model, trainer.task.data, spec.batch_size, spec.eval_blocks)
-    cost = model.cost(spec.seq_len)
+    cost = model.cost(spec.seq_len)  # top-p routing: its largest k (the worst case)
+    if getattr(model.config, "mlp", None) == "moe":  # MoE: the mean k measured on held-out tokens
+        sample = next(HeldOut(trainer.task.data, 1, max_blocks=spec.batch_size).val_batches(spec.batch_size))
+        measured = model.cost(spec.seq_len, sample=sample[:, :-1])
+        cost = {**measured, "worst_case_flops_per_token": cost["flops_per_token"]}
     peak = mfu.last_peak()
     record = {"spec": asdict(spec), **losses, "train_loss": summary.get("loss"), "tokens": summary["tokens"],
               "tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["seconds"],
-              "wall_seconds": time.perf_counter() - start, "mfu": summary.get("mfu"),
+              "wall_seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+              "cpu_seconds": time.process_time() - cpu_start,  # all threads: what the run costs on a busy machine
+              "mfu": summary.get("mfu"),
               "machine_busy": bool(peak and peak.busy), "active_flops_per_token": cost["flops_per_token"],
               "active_params": cost["active_params"], "total_params": cost["total_params"],
+              "worst_case_flops_per_token": cost.get("worst_case_flops_per_token", cost["flops_per_token"]),
               "loadavg": os.getloadavg()[0], "final": summary["final"] if keep_final else None}
     for path in out.iterdir():  # the resumable checkpoints are not needed once the run is in the ledger
         if path.name != "final" or not keep_final:

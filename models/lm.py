@@ -29,6 +29,7 @@ from transformers.utils import can_return_tuple
 from layers import attention, linear, mlp, norm
 from layers.attention import SelfAttention
 from layers.attention.random_projection import RandomProjection
+from layers.attention.mla import LatentSelfAttention
 from layers.attention.self_attention import BIASES, QK_NORMS
 from layers.moe import MoEMLP, moe_layers, set_num_experts_per_tok, set_top_p
 from layers.norm import LayerNorm, RMSNorm, UnitOffsetRMSNorm, make_norm
@@ -100,6 +101,8 @@ def move_moe_aliases(fields: dict) -> dict:
                          f"mlp={mlp_kind!r}")
     rest = {k: v for k, v in fields.items() if k not in found}
     options = copy.deepcopy(rest.get("mlp_kwargs") or {})
+    if "moe_router" in found and found["moe_router"] != options.get("router", "softmax_topk"):
+        options["router_kwargs"] = {}  # another router: the old one's options (e.g. n_group) do not apply
     for name, value in found.items():
         _put(options, MOE_ALIASES[name], value)
     return {**rest, "mlp_kwargs": options}
@@ -129,7 +132,9 @@ def _upgrade_v0(raw: dict) -> dict:
 
 # Version 1 -> 2: the fields that let the LM hold imported architectures; their defaults are what version 1 did.
 _V2_FIELDS = {"head_dim": None, "attention_bias": "none", "qk_norm": "none", "norm": "rms", "position": "rope",
-              "rope_kwargs": {}, "embedding_scale": 1.0, "dense_mlp_layers": []}
+              "rope_kwargs": {}, "embedding_scale": 1.0, "dense_mlp_layers": [], "mla": {}}
+# The options of multi-head latent attention (layers/attention/mla.py), `mla`'s keys; q_lora_rank may be null.
+MLA_OPTIONS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 @strict
@@ -173,6 +178,7 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
     rope_kwargs: dict = field(default_factory=dict)  # scaled RoPE: transformers' rope_type and its parameters
     embedding_scale: float = 1.0  # the input embedding is multiplied by this (Gemma: sqrt(d_model))
     dense_mlp_layers: list = field(default_factory=list)  # with mlp="moe": blocks with a dense SwiGLU of d_ff
+    mla: dict = field(default_factory=dict)  # non-empty: multi-head latent attention projections (MLA_OPTIONS)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_word_embeddings: bool = True
@@ -203,7 +209,7 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
             _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
         for name in ("attention", "mlp", "linear", "norm"):
             _check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a kind name (a string)")
-        for name in ("attention_kwargs", "mlp_kwargs", "linear_kwargs", "rope_kwargs"):
+        for name in ("attention_kwargs", "mlp_kwargs", "linear_kwargs", "rope_kwargs", "mla"):
             value = getattr(self, name)
             _check(isinstance(value, dict), name, value, "must be a dict of keyword arguments")
         _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
@@ -217,9 +223,18 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
             _check(isinstance(self.head_dim, int) and not isinstance(self.head_dim, bool) and self.head_dim >= 1,
                    "head_dim", self.head_dim, "must be null (d_model / n_heads) or an integer >= 1")
         _check(self.position in POSITIONS, "position", self.position, f"one of {POSITIONS}")
+        if self.mla:
+            _check(set(self.mla) == set(MLA_OPTIONS) and all(
+                (v is None and k == "q_lora_rank") or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+                for k, v in self.mla.items()), "mla", self.mla,
+                f"must be empty or give {list(MLA_OPTIONS)} (positive integers; q_lora_rank may be null)")
+            _check(self.n_kv_heads == self.n_heads, "n_kv_heads", self.n_kv_heads,
+                   "must equal n_heads with latent attention (mla)")
+            _check(self.attention_bias in ("none", "all"), "attention_bias", self.attention_bias,
+                   "must be 'none' or 'all' with latent attention (mla)")
+            _check(self.qk_norm == "none", "qk_norm", self.qk_norm, "must be 'none' with latent attention (mla)")
         if self.position == "rope":
-            _check(self.attention_head_dim() % 2 == 0, "head_dim", self.attention_head_dim(),
-                   "must be even (rotary embeddings)")
+            _check(self.rotary_dim() % 2 == 0, "head_dim", self.rotary_dim(), "must be even (rotary embeddings)")
             rope_type = self.rope_kwargs.get("rope_type", "default")
             _check(rope_type in ROPE_TYPES, "rope_kwargs.rope_type", rope_type, f"one of {ROPE_TYPES}")
         _check(self.attention_bias in BIASES, "attention_bias", self.attention_bias, f"one of {BIASES}")
@@ -243,6 +258,10 @@ class ZooLMConfig(VersionedConfig, PreTrainedConfig):
     def attention_head_dim(self) -> int:
         """The width of one attention head (head_dim, or d_model / n_heads)."""
         return self.head_dim or self.d_model // self.n_heads
+
+    def rotary_dim(self) -> int:
+        """The width rotary embeddings rotate: a head's, or its qk_rope_head_dim part with latent attention."""
+        return self.mla["qk_rope_head_dim"] if self.mla else self.attention_head_dim()
 
     def mlp_linear(self) -> tuple[str, dict]:
         """The linear kind (and its kwargs) of the MLP projections."""
@@ -273,9 +292,13 @@ class DecoderBlock(GradientCheckpointingLayer):
         c = config
         # The linear kind replaces nn.Linear in the projections that linear_targets names.
         self.attn_norm = make_norm(c.norm, c.d_model, c.norm_eps)
-        self.attn = SelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.attention, c.attention_kwargs,
-                                  *c.attn_linear(), layer_idx=layer_idx, head_dim=c.attention_head_dim(),
-                                  bias=c.attention_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
+        if c.mla:  # DeepSeek's multi-head latent attention
+            self.attn = LatentSelfAttention(c.d_model, c.n_heads, c.attention, c.attention_kwargs, *c.attn_linear(),
+                                            layer_idx=layer_idx, bias=c.attention_bias, **c.mla)
+        else:
+            self.attn = SelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.attention, c.attention_kwargs,
+                                      *c.attn_linear(), layer_idx=layer_idx, head_dim=c.attention_head_dim(),
+                                      bias=c.attention_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
         self.mlp_norm = make_norm(c.norm, c.d_model, c.norm_eps)
         mlp_linear, mlp_linear_kwargs = c.mlp_linear()
         if layer_idx in c.dense_mlp_layers:  # DeepSeek's first dense layers, Qwen2-MoE's mlp_only_layers
@@ -369,7 +392,7 @@ class ZooLMModel(ZooLMPreTrainedModel):
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         if config.position == "rope":
             inv_freq, scaling = rope_frequencies(config)
-            self.rotary = RotaryEmbedding(config.attention_head_dim(), config.rope_theta, inv_freq, scaling)
+            self.rotary = RotaryEmbedding(config.rotary_dim(), config.rope_theta, inv_freq, scaling)
         else:
             self.rotary = None
         self.gradient_checkpointing = False
@@ -471,7 +494,7 @@ class ZooLMModel(ZooLMPreTrainedModel):
 def rope_frequencies(config: ZooLMConfig) -> tuple[torch.Tensor, float]:
     """(inv_freq, attention_scaling) of the config's RoPE: plain, or a scaled variant (rope_kwargs) computed by
     transformers' own function for that rope_type, so that imported checkpoints rotate as they were trained."""
-    head_dim = config.attention_head_dim()
+    head_dim = config.rotary_dim()
     rope_type = config.rope_kwargs.get("rope_type", "default")
     if rope_type == "default":
         return default_frequencies(head_dim, config.rope_theta), 1.0

@@ -38,11 +38,18 @@ def configs() -> dict:
                                       mlp_only_layers=[0]),
         "qwen3_moe": T.Qwen3MoeConfig(**SMALL, **MOE, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True),
         "olmoe": T.OlmoeConfig(**SMALL, **MOE),
+        "deepseek_v3": T.DeepseekV3Config(
+            **{**SMALL, "num_key_value_heads": 4, "num_hidden_layers": 3}, n_routed_experts=4, num_experts_per_tok=2,
+            n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,
+            routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=4, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                           "original_max_position_embeddings": 32, "mscale": 1.0,
+                                           "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}),
     }
 
 
 ARCHITECTURES = tuple(configs())
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 
 def tiny_tokenizer():
@@ -68,6 +75,9 @@ def build(model_type: str, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():  # DeepSeek's routing correction bias is a (saved) buffer
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     return model
 
 

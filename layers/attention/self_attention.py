@@ -82,17 +82,7 @@ class SelfAttention(nn.Module):
         never form them).
         """
         b, s, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # (batch, heads, seq, head_dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)  # (batch, heads, seq, head_dim)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # keys/values of every position so far
             if kv_length is not None and k.shape[2] != kv_length:
@@ -111,8 +101,26 @@ class SelfAttention(nn.Module):
             kw["return_weights"] = True
         out = self.kernel(q, k, v, causal=True, **kw)
         out, weights = out if return_weights else (out, None)
-        out = self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        out = out[..., : self.v_head_dim]  # (a narrower value head is zero-padded to head_dim: see project)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_head_dim))
         return (out, weights) if return_weights else out
+
+    v_head_dim = property(lambda self: self.head_dim, doc="The width of one value head (that of q and k here).")
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+        """q (b, heads, s, head_dim), k and v (b, kv_heads, s, head_dim) of x (b, s, d_model), rotated."""
+        b, s, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: the four projections plus the attention kind over seq_len."""

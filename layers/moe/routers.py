@@ -114,14 +114,24 @@ class SoftmaxTopKRouter(Router):
 
 
 class SigmoidTopKRouter(Router):
-    """Sigmoid affinities; top k of affinity + balance bias; the bias moves by `bias_update_rate` per optimizer step."""
+    """Sigmoid affinities; top k of affinity + balance bias; the bias moves by `bias_update_rate` per optimizer step.
 
-    OPTIONS = {"bias_update_rate": (_rate, "must be a number >= 0")}
+    Group-limited routing (DeepSeek-V3): with n_group > 1 the experts form n_group equal groups, a group scores
+    the sum of its two best (affinity + bias), and a token's k experts come from its topk_group best groups.
+    """
+
+    OPTIONS = {"bias_update_rate": (_rate, "must be a number >= 0"),
+               "n_group": (_positive_int, "must be an integer >= 1 dividing num_experts"),
+               "topk_group": (_positive_int, "must be an integer in [1, n_group]")}
 
     def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, norm_topk_prob: bool = True,
-                 jitter: float = 0.0, bias_update_rate: float = 1e-3):
+                 jitter: float = 0.0, bias_update_rate: float = 1e-3, n_group: int = 1, topk_group: int = 1):
         super().__init__(d_model, num_experts, num_experts_per_tok, norm_topk_prob=norm_topk_prob, jitter=jitter)
+        if num_experts % n_group or not 1 <= topk_group <= n_group:
+            raise ValueError(f"config field 'mlp_kwargs.router_kwargs': n_group={n_group} must divide "
+                             f"num_experts={num_experts} and topk_group={topk_group} be in [1, n_group]")
         self.bias_update_rate = bias_update_rate
+        self.n_group, self.topk_group = n_group, topk_group
         # Selection bias (DeepSeek-V3): part of the state dict, never trained by gradients.
         self.register_buffer("bias", torch.zeros(num_experts))
 
@@ -135,7 +145,13 @@ class SigmoidTopKRouter(Router):
         """Route (T, d) tokens (pure: the bias moves in update_balance)."""
         logits = self.logits(x)
         scores = torch.sigmoid(logits)  # (T, E)
-        experts = (scores + self.bias).topk(self.num_experts_per_tok, dim=-1).indices  # (T, k)
+        choice = scores + self.bias
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            grouped = choice.view(choice.shape[0], self.n_group, -1)  # (T, groups, E / groups)
+            best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).topk(self.topk_group, -1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)  # (T, groups)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        experts = choice.topk(self.num_experts_per_tok, dim=-1).indices  # (T, k)
         weights = self.normalize(scores.gather(1, experts))
         probs = scores / scores.sum(-1, keepdim=True)  # normalised affinities, for the balance loss
         return Routing(weights, experts, logits, probs)

@@ -275,7 +275,7 @@ FIELDS_BY_VERSION = {
             "n_layers", "norm_eps", "rope_theta", "tie_word_embeddings", "use_cache", "vocab_size", "zoo_name"},
         2: {"attention", "attention_bias", "attention_kwargs", "config_version", "d_ff", "d_model",
             "dense_mlp_layers", "embedding_scale", "head_dim", "init_std", "linear", "linear_kwargs",
-            "linear_targets", "max_seq_len", "mlp", "mlp_kwargs", "n_heads", "n_kv_heads", "n_layers", "norm",
+            "linear_targets", "max_seq_len", "mla", "mlp", "mlp_kwargs", "n_heads", "n_kv_heads", "n_layers", "norm",
             "norm_eps", "position", "qk_norm", "rope_kwargs", "rope_theta", "tie_word_embeddings", "use_cache",
             "vocab_size", "zoo_name"},
     },

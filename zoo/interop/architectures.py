@@ -462,6 +462,141 @@ class GPT2(Architecture):
         return rules
 
 
+def _rope_order(rope: int) -> torch.Tensor:
+    """DeepSeek's interleaved rotary layout -> rotate-half's: the even dims, then the odd ones."""
+    return torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+
+
+def _q_transform(heads: int, nope: int, rope: int, scale: float) -> Tensors:
+    """DeepSeek's q projection rows per head [nope | rope interleaved], with its softmax scale beyond
+    1/sqrt(head_dim) (YaRN's mscale) folded into the weights, <-> the zoo's [nope | rope], unscaled kernels."""
+    order = _rope_order(rope)
+    inverse = torch.argsort(order)
+
+    def permute(w, idx, factor):
+        w = w.reshape(heads, nope + rope, -1)
+        w = torch.cat([w[:, :nope], w[:, nope:][:, idx]], dim=1)
+        return (w.reshape(heads * (nope + rope), -1) * factor,)
+    return lambda zoo, hf: Tensors((zoo,), (hf,), lambda w: permute(w, order, scale),
+                                   lambda w: permute(w, inverse, 1.0 / scale))
+
+
+def _kv_a_transform(lora: int, rope: int) -> Callable:
+    order = _rope_order(rope)
+    inverse = torch.argsort(order)
+
+    def permute(w, idx):
+        return (torch.cat([w[:lora], w[lora:][idx]], dim=0),)
+    return lambda zoo, hf: Tensors((zoo,), (hf,), lambda w: permute(w, order), lambda w: permute(w, inverse))
+
+
+class DeepSeekV3(Architecture):
+    """DeepSeek-V3: multi-head latent attention, sigmoid routing with a correction bias and group-limited top-k,
+    routed scaling, shared experts, dense first layers."""
+
+    def __init__(self):
+        super().__init__("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", moe=True, expresses={
+            "rope_theta": _anything, "rope_kwargs": _anything, "attention": _dense_only,
+            "attention_bias": ("none", "all"), "mlp": ("moe",), "mla": lambda v, c: (
+                None if v else "its attention is multi-head latent attention (mla)"),
+            "mlp_kwargs": _moe_check("DeepseekV3", ("sigmoid_topk",), shared=True, scaling=True),
+            "dense_mlp_layers": lambda v, c: (None if v == list(range(len(v))) else
+                                              "its dense layers are the first ones (first_k_dense_replace)"),
+            "linear": ("dense",), "linear_kwargs": ({},)})
+
+    @staticmethod
+    def _scale(rope_parameters: dict) -> float:
+        """DeepSeek's softmax scale over 1/sqrt(head_dim): YaRN's mscale(factor, mscale_all_dim)^2."""
+        if rope_parameters.get("rope_type", "default") == "default" or not rope_parameters.get("mscale_all_dim"):
+            return 1.0
+        mscale = 0.1 * rope_parameters["mscale_all_dim"] * math.log(rope_parameters["factor"]) + 1.0
+        return mscale * mscale if rope_parameters["factor"] > 1 else 1.0
+
+    def zoo_fields(self, hf) -> dict:
+        if hf.num_key_value_heads != hf.num_attention_heads:
+            unsupported("DeepseekV3", "num_key_value_heads", hf.num_key_value_heads,
+                        "latent attention with fewer key/value heads than heads")
+        if _activation(hf, "DeepseekV3") != "silu":
+            unsupported("DeepseekV3", "hidden_act", hf.hidden_act)
+        routing = {"n_group": int(_hf_get(hf, "n_group", 1)), "topk_group": int(_hf_get(hf, "topk_group", 1))}
+        return dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers,
+                    n_heads=hf.num_attention_heads, n_kv_heads=hf.num_attention_heads, d_ff=hf.intermediate_size,
+                    max_seq_len=hf.max_position_embeddings, norm_eps=float(hf.rms_norm_eps),
+                    init_std=float(_hf_get(hf, "initializer_range", 0.02)),
+                    tie_word_embeddings=bool(hf.tie_word_embeddings), attention_bias=_attention_bias(hf),
+                    **_rope_fields(hf, "DeepseekV3"),
+                    mla={"q_lora_rank": hf.q_lora_rank, "kv_lora_rank": hf.kv_lora_rank,
+                         "qk_nope_head_dim": hf.qk_nope_head_dim, "qk_rope_head_dim": hf.qk_rope_head_dim,
+                         "v_head_dim": hf.v_head_dim},
+                    mlp="moe", dense_mlp_layers=list(range(min(hf.first_k_dense_replace, hf.num_hidden_layers))),
+                    mlp_kwargs={"num_experts": hf.n_routed_experts, "num_experts_per_tok": hf.num_experts_per_tok,
+                                "router": "sigmoid_topk", "router_kwargs": routing,
+                                "norm_topk_prob": bool(hf.norm_topk_prob),
+                                "routed_scaling_factor": float(hf.routed_scaling_factor),
+                                "moe_intermediate_size": hf.moe_intermediate_size,
+                                "n_shared_experts": int(hf.n_shared_experts or 0),
+                                "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0})
+
+    def hf_config_kwargs(self, c: ZooLMConfig) -> dict:
+        o = MoEOptions.from_kwargs(c.mlp_kwargs)
+        routing = {k: v for k, v in o.router_kwargs.items() if k in ("n_group", "topk_group")}
+        width = o.expert_width(c.d_ff)
+        if o.shared_expert_intermediate_size not in (None, o.n_shared_experts * width):
+            refuse("mlp_kwargs.shared_expert_intermediate_size", o.shared_expert_intermediate_size, "DeepseekV3",
+                   "its shared experts are n_shared_experts x moe_intermediate_size wide")
+        return dict(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+                    num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, intermediate_size=c.d_ff,
+                    max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, initializer_range=c.init_std,
+                    tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.attention_bias == "all",
+                    rope_parameters={"rope_type": "default", **c.rope_kwargs, "rope_theta": c.rope_theta},
+                    rope_interleave=True, **c.mla, n_routed_experts=o.num_experts,
+                    num_experts_per_tok=o.num_experts_per_tok, n_group=routing.get("n_group", 1),
+                    topk_group=routing.get("topk_group", 1), norm_topk_prob=o.norm_topk_prob,
+                    routed_scaling_factor=o.routed_scaling_factor, moe_intermediate_size=width,
+                    n_shared_experts=o.n_shared_experts, first_k_dense_replace=len(c.dense_mlp_layers),
+                    attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+    def tensors(self, c: ZooLMConfig) -> list[Tensors]:
+        m = c.mla
+        nope, rope, lora = m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["kv_lora_rank"]
+        q = _q_transform(c.n_heads, nope, rope, self._scale({**c.rope_kwargs}))
+        kv_a = _kv_a_transform(lora, rope)
+        rules = [rename("model.embed.weight", "model.embed_tokens.weight"),
+                 rename("model.norm.weight", "model.norm.weight")]
+        if not c.tie_word_embeddings:
+            rules.append(rename("lm_head.weight", "lm_head.weight"))
+        bias = c.attention_bias == "all"
+        for i in range(c.n_layers):
+            z, h = f"model.blocks.{i}.", f"model.layers.{i}."
+            a, ha = z + "attn.", h + "self_attn."
+            rules += [rename(z + "attn_norm.weight", h + "input_layernorm.weight"),
+                      rename(z + "mlp_norm.weight", h + "post_attention_layernorm.weight"),
+                      kv_a(a + "kv_a_proj.weight", ha + "kv_a_proj_with_mqa.weight"),
+                      rename(a + "kv_a_norm.weight", ha + "kv_a_layernorm.weight"),
+                      rename(a + "kv_b_proj.weight", ha + "kv_b_proj.weight"),
+                      rename(a + "o_proj.weight", ha + "o_proj.weight")]
+            if m["q_lora_rank"] is None:
+                rules.append(q(a + "q_proj.weight", ha + "q_proj.weight"))
+            else:
+                rules += [rename(a + "q_a_proj.weight", ha + "q_a_proj.weight"),
+                          rename(a + "q_a_norm.weight", ha + "q_a_layernorm.weight"),
+                          q(a + "q_b_proj.weight", ha + "q_b_proj.weight")]
+            if bias:
+                rules += [rename(a + "o_proj.bias", ha + "o_proj.bias"),
+                          kv_a(a + "kv_a_proj.bias", ha + "kv_a_proj_with_mqa.bias")]
+                if m["q_lora_rank"] is not None:
+                    rules.append(rename(a + "q_a_proj.bias", ha + "q_a_proj.bias"))
+            if i in c.dense_mlp_layers:
+                rules += _swiglu(z + "mlp.", h + "mlp.")
+                continue
+            rules += [rename(z + "mlp.router.proj.weight", h + "mlp.gate.weight"),
+                      rename(z + "mlp.router.bias", h + "mlp.gate.e_score_correction_bias"),
+                      *_experts(z + "mlp.experts.", h + "mlp.experts.")]
+            if MoEOptions.from_kwargs(c.mlp_kwargs).n_shared_experts:
+                rules += _swiglu(z + "mlp.shared.", h + "mlp.shared_experts.")
+        return rules
+
+
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     LlamaFamily("llama", "LlamaConfig", "LlamaForCausalLM", bias="flag"),
     LlamaFamily("mistral", "MistralConfig", "MistralForCausalLM", sliding=True),
@@ -476,10 +611,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     LlamaFamily("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", moe=True, bias="flag", qk_norm="head",
                 sliding=True, dense_layers=True),
     LlamaFamily("olmoe", "OlmoeConfig", "OlmoeForCausalLM", moe=True, bias="flag", qk_norm="full"),
+    DeepSeekV3(),
 )}
 
 # The order `zoo export --to transformers` tries when no architecture is named: the first that holds the model.
-EXPORT_ORDER = ("llama", "qwen2", "qwen3", "gemma", "gpt2", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+EXPORT_ORDER = ("llama", "qwen2", "qwen3", "gemma", "gpt2", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                "deepseek_v3")
 
 
 def architecture(model_type: str) -> Architecture:

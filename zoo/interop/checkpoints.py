@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,11 +50,11 @@ def zoo_config_of(hf_config, **overrides) -> tuple[ZooLMConfig, dict]:
 @torch.no_grad()
 def from_transformers_model(hf_model, *, dtype: torch.dtype | None = None, **overrides) -> ZooLMForCausalLM:
     """A zoo LM with the weights of a live transformers causal LM (same logits at the same settings)."""
-    config, _ = zoo_config_of(hf_model.config, **overrides)
-    return _build(config, hf_model.state_dict(), hf_model.config, dtype)
+    config, fields = zoo_config_of(hf_model.config, **overrides)
+    return _build(config, hf_model.state_dict(), hf_model.config, dtype, fields)
 
 
-def _build(config: ZooLMConfig, state: dict, hf_config, dtype) -> ZooLMForCausalLM:
+def _build(config: ZooLMConfig, state: dict, hf_config, dtype, fields: dict) -> ZooLMForCausalLM:
     arch = architecture(hf_config.model_type)
     rules = arch.tensors(config)
     covered = {n for rule in rules for n in rule.hf}
@@ -70,6 +71,16 @@ def _build(config: ZooLMConfig, state: dict, hf_config, dtype) -> ZooLMForCausal
     missing = sorted(set(expected) - set(mapped) - drawable - tied)
     wrong = sorted(k for k, v in mapped.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
     unexpected = sorted(set(mapped) - set(expected))
+    router = (fields.get("mlp_kwargs") or {}).get("router", "softmax_topk")
+    if config.mlp == "moe" and config.mlp_kwargs.get("router", "softmax_topk") != router:
+        # another router than the checkpoint's (e.g. top-p on DeepSeek): its own tensors (the sigmoid router's
+        # correction bias) have no place; the projection is kept
+        dropped = [k for k in unexpected if ".mlp.router." in k and not k.endswith(".router.proj.weight")]
+        if dropped:
+            warnings.warn(f"router {config.mlp_kwargs.get('router')!r} replaces {router!r}: the checkpoint's "
+                          f"{sorted({k.rsplit('.', 1)[-1] for k in dropped})} are not used", stacklevel=3)
+        unexpected = [k for k in unexpected if k not in dropped]
+        mapped = {k: v for k, v in mapped.items() if k not in dropped}
     if missing or wrong or unexpected:
         detail = [f"{k}: {tuple(mapped[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4]]
         raise ValueError(f"the {arch.model_class} weights do not fit the zoo config (with its overrides): missing "
@@ -130,7 +141,7 @@ def _import(folder: Path, model_type: str, dtype: torch.dtype, overrides: dict) 
     except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as err:
         raise ValueError(f"{folder / 'config.json'} is not a valid transformers {model_type!r} config: "
                          f"{type(err).__name__}: {err}") from err
-    config, _ = zoo_config_of(hf_config, **overrides)  # refuse unsupported settings before reading weights
+    config, fields = zoo_config_of(hf_config, **overrides)  # refuse unsupported settings before reading weights
     try:
         hf_model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, dtype=dtype,
                                                               output_loading_info=True)
@@ -143,7 +154,7 @@ def _import(folder: Path, model_type: str, dtype: torch.dtype, overrides: dict) 
         raise ValueError(f"the weights do not match config.json: {problems}")
     state = hf_model.state_dict()
     del hf_model
-    return _build(config, state, hf_config, dtype)
+    return _build(config, state, hf_config, dtype, fields)
 
 
 @torch.no_grad()

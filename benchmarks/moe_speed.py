@@ -37,7 +37,7 @@ import torch
 HIDDEN, TOKENS = 512, 4096
 SIZES = [(8, 2, 1024), (64, 8, 256)]
 HF_IMPLS = ["eager", "grouped_mm", "batched_mm"]
-ZOO_IMPLS = ["auto", "grouped", "tiered"]
+ZOO_IMPLS = ["auto", "fused", "tiered", "grouped"]
 
 
 # ---- the two layers ----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def time_sizes(size: tuple[int, int, int], rounds: int, impls: list[str]) -> dic
     runners = {name: make_runner(name, block) for name in impls}
     x = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
     # Same function: our layer's output equals transformers' (grouped_mm) on this input.
-    zoo_layer = runners.get("zoo-auto", (None,))[0]
+    zoo_layer = next((runners[n][0] for n in runners if n.startswith("zoo-")), None)
     check = {}
     if zoo_layer is not None:
         with torch.no_grad():
@@ -111,23 +111,41 @@ def time_sizes(size: tuple[int, int, int], rounds: int, impls: list[str]) -> dic
         run(x)
         clear_grads(module, x)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    peaks = []
+    cpu_times: dict[str, list[float]] = {name: [] for name in runners}
+    peaks, cpu_peaks = [], []
     for r in range(rounds):
         order = list(runners)[r % len(runners):] + list(runners)[: r % len(runners)]
         for name in order:
             module, run = runners[name]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run(x)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
             clear_grads(module, x)
         peaks.append(measure_matmul_flops(torch.device("cpu"), seconds=0.5))
-    result = {"times": times, "matmul_flops": peaks, **check}
+        cpu_peaks.append(matmul_flops_per_cpu_second())
+    result = {"times": times, "cpu_times": cpu_times, "matmul_flops": peaks,
+              "matmul_flops_per_cpu_second": cpu_peaks, **check}
     if zoo_layer is not None:
         result["fwd_flops_per_token"] = zoo_layer.flops_per_token()
         with torch.no_grad():
             result["dropped_fraction"] = float(zoo_layer(x)[1].metrics["moe_dropped_fraction"])
         result["zoo_auto_path"] = zoo_layer.experts.last_impl
     return result
+
+
+def matmul_flops_per_cpu_second(n: int = 1024, reps: int = 6) -> float:
+    """FLOPs per CPU-second (all threads) of fp32 n^3 matmuls: the peak in the units of `cpu_times`.
+
+    On a shared machine wall time also counts waiting for a descheduled OpenMP thread; CPU time counts the
+    work done, so FLOPs / CPU-second against this is the efficiency that load does not move as much.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.process_time()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.process_time() - start)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -236,7 +254,7 @@ def report(results: dict) -> str:
                   "| implementation | tokens/s (median) | vs fastest transformers | achieved GFLOP/s | of peak |",
                   "|---|---|---|---|---|"]
         rows = {**{n: TOKENS / t for n, t in med.items()}, **hf}
-        for name in [f"transformers-{i}" for i in HF_IMPLS] + [f"zoo-{i}" for i in ZOO_IMPLS]:
+        for name in [f"transformers-{i}" for i in HF_IMPLS] + [n for n in r["times"] if n.startswith("zoo-")]:
             if name not in rows:
                 if name == "transformers-batched_mm" and "error" in bm:
                     lines.append(f"| {name} | {bm['error']} | | | |")
@@ -246,9 +264,19 @@ def report(results: dict) -> str:
             label = name + (f" ({r['zoo_auto_path']})" if name == "zoo-auto" else "")
             lines.append(f"| {label} | {tps:,.0f} | {tps / hf[best_hf]:.2f}x | {flops / 1e9:.1f} | "
                          f"{flops / peak:.0%} |")
-        if "zoo-auto" in r["times"] and best_hf in r["times"]:
-            ratios = sorted(h / z for z, h in zip(r["times"]["zoo-auto"], r["times"][best_hf], strict=True))
-            lines.append(f"\nzoo-auto / {best_hf}, paired per round: median {statistics.median(ratios):.2f}x, "
+        if "cpu_times" in r:
+            cpu_peak = statistics.median(r["matmul_flops_per_cpu_second"])
+            lines += ["", f"Per CPU-second (all threads; waiting for a descheduled thread not counted): matmul peak "
+                      f"{cpu_peak / 1e9:.1f} GFLOP per CPU-s", "", "| implementation | tokens per CPU-s | vs "
+                      f"{best_hf} | of peak |", "|---|---|---|---|"]
+            for name, ts in r["cpu_times"].items():
+                tps = TOKENS / statistics.median(ts)
+                ref = TOKENS / statistics.median(r["cpu_times"][best_hf]) if best_hf in r["cpu_times"] else float("nan")
+                lines.append(f"| {name} | {tps:,.0f} | {tps / ref:.2f}x | "
+                             f"{3 * r['fwd_flops_per_token'] * tps / cpu_peak:.0%} |")
+        for zoo in [n for n in ("zoo-auto", "zoo-fused") if n in r["times"]] if best_hf in r["times"] else []:
+            ratios = sorted(h / z for z, h in zip(r["times"][zoo], r["times"][best_hf], strict=True))
+            lines.append(f"\n{zoo} / {best_hf}, paired per round: median {statistics.median(ratios):.2f}x, "
                          f"min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x over {len(ratios)} rounds")
         if "memory" in r:
             lines += ["", "| implementation | peak memory of fwd+bwd (MiB) | ideal (MiB) | ratio |",
@@ -269,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=[",".join(map(str, s)) for s in SIZES],
                         help="experts,k,width triples")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--impls", nargs="+", default=None, help="only these (e.g. transformers-grouped_mm zoo-fused)")
     parser.add_argument("--no-batched-mm", action="store_true", help="skip transformers' batched_mm")
     parser.add_argument("--batched-mm-limit-gib", type=float, default=16.0)
     parser.add_argument("--json", default=None, help="also write the raw results here")
@@ -280,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     results = {"machine": machine(), "command": " ".join(["python", *sys.argv]), "sizes": {}}
-    impls = [f"transformers-{i}" for i in HF_IMPLS if i != "batched_mm"] + [f"zoo-{i}" for i in ZOO_IMPLS]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    impls = args.impls or [f"transformers-{i}" for i in HF_IMPLS if i != "batched_mm"] + [f"zoo-{i}" for i in ZOO_IMPLS]
     for text in args.sizes:
         size = tuple(int(v) for v in text.split(","))
         print(f"timing {size} ...", file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ def can_use_megablocks(x: torch.Tensor) -> bool:
 
 
 HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
-MOE_IMPLS = ("auto", "padded", "tiered", "grouped", "megablocks")
+MOE_IMPLS = ("auto", "padded", "tiered", "grouped", "fused", "megablocks")
 # Below this many routed rows (decoding: batch x k), "auto" on CPU takes grouped_mm: tiered's per-tier weight
 # copies cost more than the matmuls there (dense_vs_llama.py profile: 19.6 vs 10.5 ms/token at batch 8).
 CPU_GROUPED_MAX_ROWS = 256
@@ -73,9 +73,10 @@ def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, cap
     """How the routed experts run on x: "megablocks", or a dispatch layout "padded", "tiered" or "grouped".
 
     `impl` "auto" takes megablocks' kernels on CUDA half precision when installed (and dropless), torch's
-    grouped_mm on other CUDA tensors it supports and on CPU for few routed `rows` (decoding), else "tiered"
-    (at training sizes on CPU grouped ties with tiered in BENCHMARKS.md and takes more memory). An explicit
-    impl that cannot run here is a RuntimeError.
+    grouped_mm on other CUDA tensors it supports and on CPU for few routed `rows` (decoding), "fused" (one
+    expert at a time, its rows kept in cache from the gather to the weighted sum; layers/moe/experts.py) on
+    CPU at training sizes, where it beats tiered bmm and grouped_mm (BENCHMARKS.md, issue 18), else "tiered".
+    An explicit impl that cannot run here is a RuntimeError.
     """
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown experts impl {impl!r}; known: {MOE_IMPLS}")
@@ -89,7 +90,24 @@ def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, cap
         return "megablocks"
     if grouped_ok and (x.is_cuda or (rows is not None and rows <= CPU_GROUPED_MAX_ROWS and capacity is None)):
         return "grouped"
-    return "tiered"
+    return "tiered" if x.is_cuda else "fused"
+
+
+def local_attention_path(q: torch.Tensor, key_padding_mask: torch.Tensor | None) -> str:
+    """How `local` attention runs without flash-attn: "sdpa-blocks" (torch's fused SDPA on each query block and
+    its key window, one shared mask; 1.5-2x faster than the reference on CPU and no scores in memory,
+    BENCHMARKS.md issue 18) unless there is a key padding mask or ZOO_FORCE_REFERENCE, then "reference"."""
+    return "reference" if force_reference() or key_padding_mask is not None else "sdpa-blocks"
+
+
+# Query block of the sdpa-blocks path: smaller blocks compute fewer masked scores (span = block + window - 1),
+# larger ones make fewer calls; 128 was fastest at window 256 on CPU (benchmarks/local_vs_flex.py).
+LOCAL_SDPA_BLOCK = 128
+
+
+def local_attention_block(window: int) -> int:
+    """The query block of the sdpa-blocks path for this window."""
+    return min(window, LOCAL_SDPA_BLOCK)
 
 
 def describe() -> dict[str, bool]:

@@ -11,9 +11,13 @@ Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
   (CUDA bf16 and CPU; the fast path on GPUs).
 - "tiered": padded rows in a few tiers, one bmm each (see layers/moe/dispatch.py): padding stays small
   when a few experts are overloaded, at the price of copying those experts' weights.
+- "fused": the grouped rows, one expert at a time, each expert's gather, three GEMMs, SwiGLU and
+  outputs kept in cache; the (R, d) gathered inputs are never written, and the weighted sums over a
+  token's slots are one embedding_bag (the CPU path at training sizes).
 - "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors
-  when installed; grouped on other CUDA bf16 tensors; else tiered. The choice is made in
-  `layers.kernels.moe_experts_layout`, the one place that picks kernels.
+  when installed; grouped on other CUDA bf16 tensors and on CPU for decoding sizes; else fused on CPU
+  (tiered on CUDA). The choice is made in `layers.kernels.moe_experts_layout`, the one place that picks
+  kernels.
 The backward is written out (one autograd function for the three projections), so that only the
 expert inputs and the two hidden pre-activations are kept, and the SwiGLU product is recomputed.
 """
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers import kernels
-from layers.moe.dispatch import DispatchPlan, combine, dispatch, make_plan
+from layers.moe.dispatch import DispatchPlan, combine, dispatch, make_plan, sum_slots
 
 IMPLS = kernels.MOE_IMPLS
 
@@ -97,6 +101,73 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
         return grad_rows, grad_w_gate, grad_w_up, grad_w_down, None
 
 
+def _expert_bounds(plan: DispatchPlan) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert with rows, in the grouped layout (one host sync)."""
+    ends = plan.offsets.tolist()
+    return [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends)) if t > s]
+
+
+class _FusedSwiGLUExpertsFn(torch.autograd.Function):
+    """x (T, d), weights (T, K) -> (T, d): gather, the three projections, SwiGLU and the weighted sum, per expert.
+
+    The CPU fast path ("fused"): one expert at a time, so that its rows (about 1 MiB at the fine-grained
+    sizes), hidden activations and outputs stay in cache between the gather, the GEMMs, the elementwise
+    SwiGLU and the scatter-add into the output; the (R, d) gathered inputs are never materialised (the
+    backward gathers them again from x). Saved: the gate / up pre-activations and the expert outputs
+    (for the routing weights' gradient). Same semantics as dispatch -> _SwiGLUExpertsFn -> combine.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, w_gate, w_up, w_down, plan: DispatchPlan, save: bool):
+        bounds = _expert_bounds(plan)
+        n_rows, width = plan.num_rows, w_gate.shape[1]
+        gate = x.new_empty(n_rows, width) if save else None
+        up = x.new_empty(n_rows, width) if save else None
+        y = x.new_empty(n_rows, x.shape[1])  # expert outputs, before the routing weights
+        for e, s, t in bounds:
+            xe = x.index_select(0, plan.row_token[s:t])
+            g_e = torch.mm(xe, w_gate[e].t(), out=gate[s:t]) if save else xe @ w_gate[e].t()
+            u_e = torch.mm(xe, w_up[e].t(), out=up[s:t]) if save else xe @ w_up[e].t()
+            torch.mm(F.silu(g_e).mul_(u_e), w_down[e], out=y[s:t])
+        if save:
+            ctx.plan, ctx.bounds = plan, bounds
+            ctx.save_for_backward(x, weights, w_gate, w_up, w_down, gate, up, y)
+        return sum_slots(y, plan, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weights, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.contiguous()
+        grad_w_gate, grad_w_up, grad_w_down = grads_w = [torch.empty_like(w) for w in (w_gate, w_up, w_down)]
+        idle = sorted(set(range(w_gate.shape[0])) - {e for e, _, _ in ctx.bounds})
+        for g in grads_w if idle else ():
+            g[idle] = 0  # experts without rows
+        w_rows = torch.cat([weights.flatten(), weights.new_zeros(1)])[plan.row_assignment]  # (R,)
+        grad_w_rows = w_rows.new_empty(w_rows.shape)  # d loss / d routing weight of each row
+        grad_rows = torch.empty_like(y)  # d loss / d expert input of each row
+        for e, s, t in ctx.bounds:
+            tok = plan.row_token[s:t]
+            g_e = grad_out.index_select(0, tok)  # (rows, d): d loss / d out at each row's token
+            grad_w_rows[s:t] = torch.linalg.vecdot(g_e, y[s:t])
+            g_e.mul_(w_rows[s:t, None])  # d loss / d y
+            gate_e, up_e = gate[s:t], up[s:t]
+            silu = F.silu(gate_e)
+            act = silu * up_e  # recomputed SwiGLU product
+            torch.mm(act.t(), g_e, out=grad_w_down[e])
+            grad_act = g_e @ w_down[e].t()  # (rows, width)
+            grad_up = torch.mul(grad_act, silu, out=act)
+            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up_e), gate_e, grad_input=silu)
+            xe = x.index_select(0, tok)
+            torch.mm(grad_gate.t(), xe, out=grad_w_gate[e])
+            torch.mm(grad_up.t(), xe, out=grad_w_up[e])
+            torch.mm(grad_gate, w_gate[e], out=grad_rows[s:t]).addmm_(grad_up, w_up[e])
+        grad_x = sum_slots(grad_rows, plan)
+        grad_weights = w_rows.new_zeros(plan.num_tokens * plan.num_slots)  # dropped / unused slots: 0
+        grad_weights[plan.row_assignment] = grad_w_rows
+        return grad_x, grad_weights.view(weights.shape), grad_w_gate, grad_w_up, grad_w_down, None, None
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU experts of the same width, computed dropless (or with a token capacity) on sorted tokens."""
 
@@ -147,10 +218,14 @@ class SwiGLUExperts(nn.Module):
 
                 self.last_impl = layout
                 return megablocks_experts(x, weights.to(dtype), experts, w_gate, w_up, w_down), None
-            plan = make_plan(experts, self.num_experts, layout=layout, capacity=capacity)
-            self.last_impl = plan.layout
+            plan = make_plan(experts, self.num_experts, layout="grouped" if layout == "fused" else layout,
+                             capacity=capacity)
+            self.last_impl = "fused" if layout == "fused" else plan.layout
             if plan.num_rows == 0:
                 return x.new_zeros(x.shape) + 0 * weights.sum(), plan  # nothing routed: keep the graph connected
+            if layout == "fused":
+                save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate, w_up, w_down))
+                return _FusedSwiGLUExpertsFn.apply(x, weights.to(dtype), w_gate, w_up, w_down, plan, save), plan
             rows = dispatch(x, plan)  # (R, d)
             rows = _SwiGLUExpertsFn.apply(rows, w_gate, w_up, w_down, plan)
             return combine(rows, weights, plan), plan

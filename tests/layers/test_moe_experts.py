@@ -10,7 +10,7 @@ from layers.mlp import SwiGLU
 from layers.moe import MoEMLP, SwiGLUExperts, make_plan
 from layers.moe.dispatch import tier_sizes
 
-IMPLS = ["padded", "tiered", "grouped"] if HAS_GROUPED_MM else ["padded", "tiered"]
+IMPLS = ["padded", "tiered", "grouped", "fused"] if HAS_GROUPED_MM else ["padded", "tiered", "fused"]
 
 
 def experts_module(num_experts=4, d=16, width=24, impl="padded", seed=0) -> SwiGLUExperts:
@@ -233,12 +233,12 @@ def test_experts_train_under_bf16_autocast_as_the_trainer_runs_them_on_gpus():
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="needs torch.nn.functional.grouped_mm")
-def test_auto_takes_grouped_mm_on_cpu_for_decoding_sizes_and_tiered_for_training_sizes():
+def test_auto_takes_grouped_mm_on_cpu_for_decoding_sizes_and_fused_for_training_sizes():
     from layers.kernels import CPU_GROUPED_MAX_ROWS
 
     torch.manual_seed(0)
     m = SwiGLUExperts(4, 16, 32)
-    for tokens, expected in ((8, "grouped"), (CPU_GROUPED_MAX_ROWS, "tiered")):  # 16 and 512 routed rows
+    for tokens, expected in ((8, "grouped"), (CPU_GROUPED_MAX_ROWS, "fused")):  # 16 and 512 routed rows
         weights, experts = random_routing(tokens, 2, 4)
         x = torch.randn(tokens, 16)
         out, _ = m(x, weights, experts)

@@ -389,6 +389,7 @@ class Trainer:
             "data": self.task.description,
             "steps": summary["steps"], "tokens": summary["tokens"],
             "batch_size": self.cfg.batch_size, "seq_len": self.cfg.seq_len, "lr": self.cfg.lr,
+            "validation split": f"{self.cfg.val_split} blocks, val_fraction {self.cfg.val_fraction}",
             "hardware": f"{summary['device']} x {self.world}",
             **({"changed on resume": {f"at step {c['step']}": {k: f"{v['old']} -> {v['new']}" for k, v in
                                                                c["changed"].items()} for c in self.changes}}

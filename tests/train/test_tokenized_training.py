@@ -294,3 +294,14 @@ def test_zoo_convert_evaluates_with_the_model_tokenizer_and_writes_it(bpe_model,
     assert report["val_bpb_before"] == pytest.approx(expected["val_bpb"], rel=1e-5)
     assert load_tokenizer(out).encode(SENTENCES[3]) == tok.encode(SENTENCES[3])
     assert "val bpb after" in (out / "README.md").read_text()
+
+
+def test_an_sae_source_lm_brings_its_tokenizer(bpe_model, corpus):
+    from train.sae_task import SAEData
+
+    sae_data = SAEData(str(bpe_model), "blocks.0", [str(corpus)], 16)
+    text = SEPARATOR.join(json.loads(line)["text"] for line in corpus.read_text().splitlines())
+    assert sae_data.data.tokens.tolist() == bpe_tokenizer().encode(text)
+    assert sae_data.data.tokens.max() >= 256  # BPE ids, not bytes
+    store = sae_data.val_store(32)
+    assert store.rows == 32 and store.d == 32

@@ -124,3 +124,15 @@ def test_a_malformed_streamed_row_is_one_line_naming_the_dataset(hub, tmp_path, 
                  "--text-column", "body", "--streaming"])
     err = capsys.readouterr().err
     assert code == 2 and repo in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_zoo_eval_streams_only_the_blocks_it_evaluates(dataset, capsys):
+    from zoo.cli import main
+
+    repo, text = dataset
+    assert main(["eval", "lm-dense-tiny", "--data", repo, "--text-column", "body", "--streaming", "--seq-len", "16",
+                 "--batch-size", "2", "--max-batches", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["val_tokens"] == 2 * 16 and out["val_bytes"] == 2 * 16 and out["tokenizer"] == "byte"
+    assert main(["eval", "lm-dense-tiny", "--data", repo, "--text-column", "body", "--streaming"]) == 2
+    assert "--max-batches" in capsys.readouterr().err

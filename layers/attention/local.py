@@ -73,12 +73,21 @@ def key_windows(x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
     return x[:, :, layout.offset :].unfold(2, layout.span, layout.block).transpose(-1, -2).contiguous()
 
 
-def window_mask(layout: WindowLayout, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """(1 or b, 1, n_blocks, block, span) bool: True where a query may attend to a key of its window."""
+def band_mask(layout: WindowLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """((block, span) bool: the window of each query within its block's keys, (block, span) position differences).
+
+    The same in every block; blocks whose keys run past either end of the sequence also need `window_mask`.
+    """
     a = torch.arange(layout.block, device=device)[:, None]
     c = torch.arange(layout.span, device=device)[None, :]
     diff = a - c + layout.left  # query position - key position, the same in every block
-    allowed = (diff <= layout.left) & (diff >= -layout.right)  # (block, span)
+    return (diff <= layout.left) & (diff >= -layout.right), diff
+
+
+def window_mask(layout: WindowLayout, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(1 or b, 1, n_blocks, block, span) bool: True where a query may attend to a key of its window."""
+    allowed, diff = band_mask(layout, device)
+    c = torch.arange(layout.span, device=device)[None, :]
     starts = layout.offset + torch.arange(layout.n_blocks, device=device)[:, None] * layout.block
     key_pos = starts - layout.left + c  # (n_blocks, span)
     allowed = allowed & ((key_pos >= 0) & (key_pos < layout.k_len))[:, None, :]  # (n_blocks, block, span)
@@ -99,7 +108,22 @@ def local_attention(
     key_padding_mask: torch.Tensor | None = None,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Exact softmax attention restricted to a sliding window, blockwise (never an n x n tensor)."""
+    """Exact softmax attention restricted to a sliding window, blockwise (never an n x n tensor).
+
+    Where `layers.kernels.local_attention_path` says so, each query block runs torch's fused SDPA over its
+    key window with one shared (block, span) mask (`local_attention_sdpa`), a few blocks at a time;
+    else the scores of all blocks are written out (`local_attention_reference`, the semantics).
+    """
+    check_qkv(q, k, v)
+    block = block or kernels.local_attention_block(window)
+    if kernels.local_attention_path(q, key_padding_mask) == "sdpa-blocks":
+        return local_attention_sdpa(q, k, v, window, causal, block)
+    return local_attention_reference(q, k, v, window, causal, key_padding_mask, block)
+
+
+def local_attention_reference(q, k, v, window: int, causal: bool = True,
+                              key_padding_mask: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+    """The pure-PyTorch local attention: all blocks' (block, span) scores, masked, softmax, @ values."""
     check_qkv(q, k, v)
     k, v = repeat_kv_heads(q, k, v)
     layout = window_layout(q.shape[-2], k.shape[-2], window, causal, block)
@@ -111,9 +135,64 @@ def local_attention(
     return out.flatten(2, 3)[:, :, : q.shape[-2]]
 
 
+def _edge_blocks(layout: WindowLayout) -> tuple[int, int]:
+    """[first, last) blocks whose whole key window lies inside [0, k_len): they all share one mask."""
+    starts = [layout.offset + i * layout.block - layout.left for i in range(layout.n_blocks)]
+    inside = [i for i, s in enumerate(starts) if s >= 0 and s + layout.span <= layout.k_len]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
+# Query blocks per SDPA call: bounds the key-window copies alive at once (about 2 * group * span * d floats
+# per head) without making the calls small.
+SDPA_GROUP_ROWS = 4096
+
+
+def local_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool = True,
+                         block: int = 128) -> torch.Tensor:
+    """local_attention through torch's fused SDPA on each query block and its key window (no key padding).
+
+    Blocks whose window lies inside the sequence share one (block, span) mask; the few at the ends get
+    their own rows of `window_mask`. Blocks go to SDPA `SDPA_GROUP_ROWS // block` at a time, so that only
+    their key windows are copied at once; no scores are ever written out (SDPA's CPU flash kernel).
+    """
+    k, v = repeat_kv_heads(q, k, v)
+    b, h, q_len, d = q.shape
+    layout = window_layout(q_len, k.shape[-2], window, causal, block)
+    qb = query_windows(q, layout).flatten(0, 1)  # (b*h, n_blocks, block, d)
+    lo, hi = _edge_blocks(layout)
+    full = None  # window_mask of every block, built only if some block needs it
+    group = max(1, SDPA_GROUP_ROWS // layout.block)
+    pieces = []
+    i = 0
+    while i < layout.n_blocks:
+        interior = lo <= i < hi
+        j = min(hi if interior else (lo if i < lo else layout.n_blocks), i + group)
+        kb, vb = (_key_windows_of(x, layout, i, j).flatten(0, 1) for x in (k, v))  # (b*h, j - i, span, d)
+        if interior:
+            mask = band_mask(layout, q.device)[0]  # (block, span)
+        else:
+            full = window_mask(layout, None, q.device)[0] if full is None else full  # (1, n_blocks, block, span)
+            mask = full[:, i:j]
+        pieces.append(F.scaled_dot_product_attention(qb[:, i:j], kb, vb, attn_mask=mask))
+        i = j
+    out = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]  # (b*h, n_blocks, block, d)
+    return out.view(b, h, -1, d)[:, :, :q_len]
+
+
+def _key_windows_of(x: torch.Tensor, layout: WindowLayout, i: int, j: int) -> torch.Tensor:
+    """key_windows(x, layout)[:, :, i:j] without copying the windows of the other blocks."""
+    first = layout.offset + i * layout.block - layout.left  # key position of row 0 of block i's window
+    last = layout.offset + (j - 1) * layout.block - layout.left + layout.span  # one past block j-1's last
+    pad_lo, pad_hi = max(0, -first), max(0, last - layout.k_len)
+    part = x[:, :, max(0, first):min(last, layout.k_len)]
+    if pad_lo or pad_hi:
+        part = F.pad(part, (0, 0, pad_lo, pad_hi))
+    return part.unfold(2, layout.span, layout.block).transpose(-1, -2).contiguous()
+
+
 def local_flops_per_token(head_dim: int, seq_len: int, window: int, causal: bool) -> float:
     """Forward FLOPs per query and head of `local_attention` at prefill: q.k and p.v over each block's span."""
-    layout = window_layout(seq_len, seq_len, window, causal)
+    layout = window_layout(seq_len, seq_len, window, causal, kernels.local_attention_block(window))
     computed = layout.n_blocks * layout.block * layout.span  # score entries, masked ones included
     return 4 * head_dim * computed / seq_len
 

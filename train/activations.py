@@ -40,6 +40,10 @@ class _StopForward(Exception):
 
 def _module(model: nn.Module, hook_point: str) -> tuple[nn.Module, bool]:
     """The module a hook point names, and whether the point is its input (else its output)."""
+    if hasattr(model, "blocks") and hasattr(model, "lm_head"):  # a zoo LM: transformers / TransformerLens names too
+        from zoo.interop.hook_points import zoo_hook_point
+
+        hook_point = zoo_hook_point(hook_point)
     name, _, where = hook_point.partition(":")
     if where not in ("", "input", "output"):
         raise ValueError(f"hook point {hook_point!r}: the part after ':' must be 'input' or 'output'")
@@ -270,6 +274,7 @@ def load_source_lm(source: str, seed: int = 0, device: str | torch.device = "cpu
     zoo checkpoint that carries none), checked to give no id beyond the model's vocabulary."""
     from zoo import hub
     from zoo.catalog import CATALOG, FAMILIES
+    from zoo.interop import ARCHITECTURES
     from zoo.loading import load
     from zoo.tokenizer import check_vocab, load_tokenizer
 
@@ -279,7 +284,9 @@ def load_source_lm(source: str, seed: int = 0, device: str | torch.device = "cpu
         config = path / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         identity = f"folder:{path.resolve()}:{_weights_identity(path)}"
-        model = load(path) if model_type in zoo_types else _transformers_lm(str(path))
+        # a transformers checkpoint of an architecture the zoo imports becomes a zoo LM (same function); others
+        # are read by transformers itself
+        model = load(path) if model_type in zoo_types or model_type in ARCHITECTURES else _transformers_lm(str(path))
     elif source in CATALOG:
         with torch.random.fork_rng(devices=[]):  # fresh weights from `seed`, the caller's RNG untouched
             torch.manual_seed(seed)

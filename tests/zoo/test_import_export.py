@@ -181,17 +181,43 @@ def test_every_attention_kind_swaps_onto_an_imported_model(arch, kind, folders):
         assert (a - b).abs().max() > 0
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma"])
-def test_sae_trains_on_an_imported_model(arch, folders, tmp_path):
-    from train.sae_task import main as sae_main  # noqa: F401  (the SAE entry point exists)
-    from train.pretrain import main
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "model.layers.0", "transformer.h.0", "blocks.0"])
+def test_hook_points_under_transformers_and_transformer_lens_names_are_the_residual_stream(hook, folders):
+    from train.activations import lm_activations
 
-    rc = main(["sae-topk-tiny", "--source-model", str(folders[arch]), "--steps", "20", "--batch-size", "64",
-               "--out", str(tmp_path / "sae"), "--set", "d_in=32", "--set", "d_sae=128", "--set", "k=4",
-               "--eval-every", "20", "--checkpoint-every", "20"])
-    assert rc == 0
-    sae = zoo.load(next((tmp_path / "sae").rglob("final")))
-    assert sae.config.d_in == 32
+    arch = "gpt2" if hook.startswith("transformer.") else "qwen3"
+    ids = _ids()
+    with torch.no_grad():
+        # after block 0 (transformers' last hidden state is after the final norm: not a block's output)
+        want = _theirs(folders[arch])(ids, output_hidden_states=True).hidden_states[1]
+    got = lm_activations(zoo.load(folders[arch]), ids, hook)
+    assert (got - want).abs().max() <= ATOL
+
+
+def test_transformer_lens_resid_pre_is_the_input_of_the_block(folders):
+    from train.activations import lm_activations
+
+    ids = _ids()
+    with torch.no_grad():
+        want = _theirs(folders["llama"])(ids, output_hidden_states=True).hidden_states[1]  # after block 0
+    assert (lm_activations(zoo.load(folders["llama"]), ids, "blocks.1.hook_resid_pre") - want).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("arch", hf_models.ARCHITECTURES)
+def test_an_sae_trains_20_steps_on_an_imported_model_with_its_tokenizer(arch, folders, tmp_path):
+    from train.config import parse_args
+    from train.trainer import Trainer
+
+    hook = "transformer.h.1" if arch == "gpt2" else "blocks.1.hook_resid_post"
+    args = ["sae-topk-tiny", "--set", f"source_model={folders[arch]}", "--set", "d_in=32", "--set", "d_sae=128",
+            "--set", "k=4", "--set", f"hook_point={hook}", "--seq-len", "32", "--batch-size", "8", "--steps", "20",
+            "--eval-batches", "1", "--warmup-steps", "2", "--out", str(tmp_path / "sae")]
+    summary = Trainer(parse_args(args)).run()
+    sae = zoo.load(summary["final"])
+    assert sae.config.hook_point == hook and sae.config.d_in == 32
+    from zoo.tokenizer import load_tokenizer
+    assert load_tokenizer(summary["final"])("the quick fox")["input_ids"] == \
+        load_tokenizer(folders[arch])("the quick fox")["input_ids"]  # the SAE records its LM's tokenizer
 
 
 def test_to_transformers_names_each_kind_it_cannot_express():

@@ -45,11 +45,16 @@ def configs() -> dict:
             v_head_dim=4, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                            "original_max_position_embeddings": 32, "mscale": 1.0,
                                            "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}),
+        "deepseek_v2": T.DeepseekV2Config(  # V2-Lite's layout: no query rank
+            **{**SMALL, "num_key_value_heads": 4, "num_hidden_layers": 3}, n_routed_experts=4, num_experts_per_tok=2,
+            topk_method="group_limited_greedy", n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=2,
+            moe_intermediate_size=16, routed_scaling_factor=1.5, q_lora_rank=None, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
     }
 
 
 ARCHITECTURES = tuple(configs())
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
 
 
 def tiny_tokenizer():

@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                                              "val_loss before": round(before, 5), "val_loss after": round(after, 5),
                                              **{k.replace("_", " "): round(v, 5) for k, v in bpb.items()}})
     save_tokenizer(tokenizer, out, model_max_length=getattr(converted.config, "max_seq_len", None))
-    result = {"checkpoint": str(args.checkpoint), "to": args.to, "out": str(out), "options": options,
+    from zoo.interop import describe_import
+
+    imported = describe_import(args.checkpoint) if Path(args.checkpoint).is_dir() else None
+    result = {"checkpoint": str(args.checkpoint), **({"imported": imported} if imported else {}),
+              "to": args.to, "out": str(out), "options": options,
               "val_loss_before": before, "val_loss_after": after, **bpb, **report}
     if args.finetune_steps:
         from train.config import TrainConfig

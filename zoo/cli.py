@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   zoo list                           every catalog model
@@ -54,11 +55,14 @@ def add_hub_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a model's config and cost."""
     from layers.kernels import describe
+    from zoo.interop import describe_import
 
     model = load_model(args)
     cost = model.cost(args.seq_len)
+    imported = describe_import(args.model) if Path(args.model).is_dir() else None
     # Exact numbers under "cost" (for scripts), rounded ones under "cost_readable" (for people).
-    print(json.dumps({"config": model.config.to_diff_dict(), "cost": cost,
+    print(json.dumps({**({"imported": imported} if imported else {}), "config": model.config.to_diff_dict(),
+                      "cost": cost,
                       "cost_readable": {k: (_fmt(v) if k != "seq_len" else v) for k, v in cost.items()},
                       "kernels": describe()}, indent=2, default=str))
     return 0

@@ -102,15 +102,53 @@ class Router(nn.Module):
         return f"num_experts={self.num_experts}, num_experts_per_tok={self.num_experts_per_tok}, jitter={self.jitter}"
 
 
+def _group_options(num_experts: int, n_group: int, topk_group: int) -> None:
+    if num_experts % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"config field 'mlp_kwargs.router_kwargs': n_group={n_group} must divide "
+                         f"num_experts={num_experts} and topk_group={topk_group} be in [1, n_group]")
+
+
+def limit_to_groups(choice: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """Group-limited routing (DeepSeek): the experts form n_group equal groups, each group is scored by its
+    best expert ("max", V2) or the sum of its two best ("top2", V3), and only the topk_group best groups of a
+    token stay selectable; the others' scores become -inf. (T, E) -> (T, E)."""
+    if n_group <= 1 or topk_group >= n_group:
+        return choice
+    grouped = choice.view(choice.shape[0], n_group, -1)  # (T, groups, E / groups)
+    if group_score == "max":
+        scores = grouped.max(-1).values
+    else:
+        scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(topk_group, -1).indices, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+
+
+_GROUP_OPTIONS = {"n_group": (_positive_int, "must be an integer >= 1 dividing num_experts"),
+                  "topk_group": (_positive_int, "must be an integer in [1, n_group]")}
+
+
 class SoftmaxTopKRouter(Router):
-    """Softmax over experts, keep the top k; renormalise the k weights to sum to 1 if asked (Mixtral)."""
+    """Softmax over experts, keep the top k; renormalise the k weights to sum to 1 if asked (Mixtral).
+
+    Group-limited (DeepSeek-V2's group_limited_greedy): n_group groups scored by their best expert, the k
+    experts come from the topk_group best groups.
+    """
+
+    OPTIONS = dict(_GROUP_OPTIONS)
+
+    def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, norm_topk_prob: bool = True,
+                 jitter: float = 0.0, n_group: int = 1, topk_group: int = 1):
+        super().__init__(d_model, num_experts, num_experts_per_tok, norm_topk_prob=norm_topk_prob, jitter=jitter)
+        _group_options(num_experts, n_group, topk_group)
+        self.n_group, self.topk_group = n_group, topk_group
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route (T, d) tokens."""
         logits = self.logits(x)
         probs = logits.softmax(-1)
-        weights, experts = probs.topk(self.num_experts_per_tok, dim=-1)  # (T, k)
-        return Routing(self.normalize(weights), experts, logits, probs)
+        choice = limit_to_groups(probs, self.n_group, self.topk_group, "max")
+        experts = choice.topk(self.num_experts_per_tok, dim=-1).indices  # (T, k)
+        return Routing(self.normalize(probs.gather(1, experts)), experts, logits, probs)
 
 
 class SigmoidTopKRouter(Router):
@@ -120,16 +158,12 @@ class SigmoidTopKRouter(Router):
     the sum of its two best (affinity + bias), and a token's k experts come from its topk_group best groups.
     """
 
-    OPTIONS = {"bias_update_rate": (_rate, "must be a number >= 0"),
-               "n_group": (_positive_int, "must be an integer >= 1 dividing num_experts"),
-               "topk_group": (_positive_int, "must be an integer in [1, n_group]")}
+    OPTIONS = {"bias_update_rate": (_rate, "must be a number >= 0"), **_GROUP_OPTIONS}
 
     def __init__(self, d_model: int, num_experts: int, num_experts_per_tok: int, *, norm_topk_prob: bool = True,
                  jitter: float = 0.0, bias_update_rate: float = 1e-3, n_group: int = 1, topk_group: int = 1):
         super().__init__(d_model, num_experts, num_experts_per_tok, norm_topk_prob=norm_topk_prob, jitter=jitter)
-        if num_experts % n_group or not 1 <= topk_group <= n_group:
-            raise ValueError(f"config field 'mlp_kwargs.router_kwargs': n_group={n_group} must divide "
-                             f"num_experts={num_experts} and topk_group={topk_group} be in [1, n_group]")
+        _group_options(num_experts, n_group, topk_group)
         self.bias_update_rate = bias_update_rate
         self.n_group, self.topk_group = n_group, topk_group
         # Selection bias (DeepSeek-V3): part of the state dict, never trained by gradients.
@@ -145,12 +179,7 @@ class SigmoidTopKRouter(Router):
         """Route (T, d) tokens (pure: the bias moves in update_balance)."""
         logits = self.logits(x)
         scores = torch.sigmoid(logits)  # (T, E)
-        choice = scores + self.bias
-        if self.n_group > 1 and self.topk_group < self.n_group:
-            grouped = choice.view(choice.shape[0], self.n_group, -1)  # (T, groups, E / groups)
-            best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).topk(self.topk_group, -1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)  # (T, groups)
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        choice = limit_to_groups(scores + self.bias, self.n_group, self.topk_group, "top2")
         experts = choice.topk(self.num_experts_per_tok, dim=-1).indices  # (T, k)
         weights = self.normalize(scores.gather(1, experts))
         probs = scores / scores.sum(-1, keepdim=True)  # normalised affinities, for the balance loss

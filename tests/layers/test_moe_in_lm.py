@@ -89,7 +89,7 @@ def test_set_num_experts_per_tok_on_a_built_model_updates_layers_config_and_cost
     assert model.config.mlp_kwargs["num_experts_per_tok_by_layer"] == [1, 4]
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         model.set_num_experts_per_tok(5)
-    with pytest.raises(ValueError, match="layer 7 does not exist"):
+    with pytest.raises(ValueError, match="block 7 is not an MoE layer"):
         model.set_num_experts_per_tok(1, layers=[7])
 
 

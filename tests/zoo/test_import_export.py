@@ -61,7 +61,7 @@ def test_greedy_generation_equals_the_transformers_model(arch, folders):
 
 
 _LOAD_WITHOUT_ZOO = textwrap.dedent("""
-    import importlib.util, sys
+    import importlib.util, json, sys
     # No zoo on the path: drop the editable install's finder and the repository.
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
                         and "editable" not in getattr(f, "__name__", "").lower()]
@@ -71,40 +71,59 @@ _LOAD_WITHOUT_ZOO = textwrap.dedent("""
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32).eval()
     ids = load_file({io!r})["ids"]
-    with torch.no_grad():
-        save_file({{"logits": model(ids).logits.contiguous()}}, {out!r})
-    print(type(model).__name__)
+    out, names = {{}}, {{}}
+    for key, folder in json.loads({folders!r}).items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out[key] = model(ids).logits.contiguous()
+        names[key] = type(model).__name__
+    save_file(out, {out!r})
+    print(json.dumps(names))
 """)
 
 
-def run_without_zoo(folder, ids, tmp_path) -> tuple[str, torch.Tensor]:
-    """(class name, logits of ids) from a Python process that cannot import the zoo."""
+def run_without_zoo(folders: dict, ids, tmp_path) -> tuple[dict, dict]:
+    """({key: class name}, {key: logits of ids}) of each folder, from one Python process that cannot import the
+    zoo (tested there: no zoo, models, layers or train package is importable)."""
     io, out = tmp_path / "ids.safetensors", tmp_path / "logits.safetensors"
     save_file({"ids": ids}, io)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = _LOAD_WITHOUT_ZOO.format(repo=repo, folder=str(folder), io=str(io), out=str(out))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    code = _LOAD_WITHOUT_ZOO.format(repo=repo, folders=json.dumps({k: str(v) for k, v in folders.items()}),
+                                    io=str(io), out=str(out))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1], load_file(out)["logits"]
+    return json.loads(done.stdout.strip().splitlines()[-1]), load_file(out)
+
+
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory):
+    """Each architecture's folder -> zoo.load -> a zoo checkpoint -> zoo.load -> export_checkpoint, then the
+    exported folders loaded by transformers alone: (reports, class names, logits) by architecture."""
+    root = tmp_path_factory.mktemp("exported")
+    reports, targets = {}, {}
+    for arch, folder in folders.items():
+        zoo.load(folder).save_pretrained(root / arch / "zoo")  # a zoo checkpoint of the imported model
+        reports[arch] = export_checkpoint(zoo.load(root / arch / "zoo"), root / arch / "out", tokenizer_from=folder)
+        targets[arch] = root / arch / "out"
+    names, logits = run_without_zoo(targets, _ids(), root)
+    return reports, names, logits, targets
 
 
 @pytest.mark.parametrize("arch", hf_models.ARCHITECTURES)
-def test_save_load_export_and_a_transformers_only_load_keep_the_logits(arch, folders, tmp_path):
+def test_save_load_export_and_a_transformers_only_load_keep_the_logits(arch, folders, exported):
+    reports, names, logits, targets = exported
     theirs = _theirs(folders[arch])
-    ours = zoo.load(folders[arch])
-    ours.save_pretrained(tmp_path / "zoo")  # a zoo checkpoint of the imported model
-    again = zoo.load(tmp_path / "zoo")
-    report = export_checkpoint(again, tmp_path / "exported", tokenizer_from=folders[arch])
-    assert report["architecture"] == arch
-    assert json.loads((tmp_path / "exported" / "config.json").read_text())["model_type"] == arch
-    ids = _ids()
-    name, logits = run_without_zoo(tmp_path / "exported", ids, tmp_path)
-    assert name == type(theirs).__name__
+    assert reports[arch]["architecture"] == arch
+    assert json.loads((targets[arch] / "config.json").read_text())["model_type"] == arch
+    assert names[arch] == type(theirs).__name__
     with torch.no_grad():
-        assert (logits - theirs(ids).logits).abs().max() <= ATOL
+        assert (logits[arch] - theirs(_ids()).logits).abs().max() <= ATOL
+    from transformers import AutoTokenizer  # the tokenizer travels too
+    text = "the quick brown fox jumps"
+    assert AutoTokenizer.from_pretrained(targets[arch])(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(folders[arch])(text)["input_ids"]
 
 
 def test_an_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
@@ -122,6 +141,18 @@ def test_settings_the_zoo_cannot_compute_are_refused_by_name(tmp_path):
     OlmoeForCausalLM(OlmoeConfig(**hf_models.SMALL, **hf_models.MOE, clip_qkv=2.0)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"clip_qkv=2\.0"):
         zoo.load(tmp_path)
+
+
+def test_no_code_from_a_checkpoint_runs(tmp_path):
+    """A config asking for remote code (auto_map + a modeling file) is refused; the file never runs."""
+    marker = tmp_path / "ran"
+    (tmp_path / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "modeling_evil.EvilConfig",
+                                           "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+    with pytest.raises(ValueError, match="'evil' is not supported"):
+        zoo.load(tmp_path)
+    assert not marker.exists()
 
 
 def test_missing_weights_are_an_error_not_random_values(folders, tmp_path):

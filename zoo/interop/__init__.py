@@ -10,6 +10,7 @@ zoo/interop/architectures.py.
 
 from zoo.interop.architectures import ARCHITECTURES
 from zoo.interop.checkpoints import (
+    describe_import,
     export_checkpoint,
     from_transformers_model,
     import_checkpoint,
@@ -18,5 +19,5 @@ from zoo.interop.checkpoints import (
     transformers_model_type,
 )
 
-__all__ = ["ARCHITECTURES", "export_checkpoint", "from_transformers_model", "import_checkpoint", "to_transformers",
-           "transformers_config", "transformers_model_type"]
+__all__ = ["ARCHITECTURES", "describe_import", "export_checkpoint", "from_transformers_model",
+           "import_checkpoint", "to_transformers", "transformers_config", "transformers_model_type"]

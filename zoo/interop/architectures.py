@@ -74,7 +74,8 @@ def _split(zoo: tuple[str, ...], hf: str, dim: int, transpose: bool = False) -> 
 
 
 def _experts(zoo_prefix: str, hf_prefix: str) -> list[Tensors]:
-    """SwiGLU experts: zoo w_gate / w_up / w_down (E, width, d) <-> gate_up_proj (E, 2 width, d), down_proj (E, d, width)."""
+    """SwiGLU experts: zoo w_gate / w_up / w_down (E, width, d) <-> gate_up_proj (E, 2 width, d) and
+    down_proj (E, d, width)."""
     z, h = zoo_prefix, hf_prefix
     return [_split((f"{z}w_gate", f"{z}w_up"), f"{h}gate_up_proj", 1),
             Tensors((f"{z}w_down",), (f"{h}down_proj",), lambda w: (w.transpose(1, 2),),
@@ -204,7 +205,7 @@ class Architecture:
 
 
 def _moe_check(architecture: str, allowed_routers: tuple[str, ...], *, norm_topk_prob=None, shared=False,
-               shared_gate=False, scaling=False) -> Callable:
+               shared_gate=False, scaling=False, group_options=False) -> Callable:
     """A check of mlp_kwargs for an MoE architecture (returns the reason it cannot hold them, or None)."""
     def check(options: dict, config: ZooLMConfig) -> str | None:
         if config.mlp != "moe":
@@ -212,7 +213,10 @@ def _moe_check(architecture: str, allowed_routers: tuple[str, ...], *, norm_topk
         o = MoEOptions.from_kwargs(options)
         if o.router not in allowed_routers:
             return f"its router is {allowed_routers[0]} (mlp_kwargs.router={o.router!r})"
-        if o.router_kwargs and o.router == "softmax_topk":
+        allowed = {"n_group", "topk_group"} if group_options else set()
+        if o.router == "sigmoid_topk":
+            allowed.add("bias_update_rate")  # training only
+        if set(o.router_kwargs) - allowed:
             return f"mlp_kwargs.router_kwargs={o.router_kwargs!r} has no equivalent"
         if norm_topk_prob is not None and o.norm_topk_prob != norm_topk_prob:
             return f"it {'always' if norm_topk_prob else 'never'} renormalises the top-k weights (norm_topk_prob)"
@@ -223,8 +227,8 @@ def _moe_check(architecture: str, allowed_routers: tuple[str, ...], *, norm_topk
         has_shared = bool(o.n_shared_experts or o.shared_expert_intermediate_size)
         if has_shared and not shared:
             return "it has no shared experts"
-        if shared and shared_gate and has_shared != o.shared_expert_gate:
-            return "its shared expert is always gated by sigmoid(gate(x)) (shared_expert_gate)"
+        if shared and shared_gate and not (has_shared and o.shared_expert_gate):
+            return "it always has a shared expert gated by sigmoid(gate(x)) (shared_expert_gate)"
         if shared and not shared_gate and o.shared_expert_gate:
             return "its shared experts are not gated (shared_expert_gate)"
         if o.routed_scaling_factor != 1.0 and not scaling:
@@ -492,14 +496,18 @@ def _kv_a_transform(lora: int, rope: int) -> Callable:
 
 class DeepSeekV3(Architecture):
     """DeepSeek-V3: multi-head latent attention, sigmoid routing with a correction bias and group-limited top-k,
-    routed scaling, shared experts, dense first layers."""
+    routed scaling, shared experts, dense first layers. (DeepSeek-V2 below: the same with softmax routing.)"""
 
-    def __init__(self):
-        super().__init__("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", moe=True, expresses={
+    router = "sigmoid_topk"
+
+    def __init__(self, model_type="deepseek_v3", config_class="DeepseekV3Config",
+                 model_class="DeepseekV3ForCausalLM", norm_topk_prob=None):
+        super().__init__(model_type, config_class, model_class, moe=True, expresses={
             "rope_theta": _anything, "rope_kwargs": _anything, "attention": _dense_only,
             "attention_bias": ("none", "all"), "mlp": ("moe",), "mla": lambda v, c: (
                 None if v else "its attention is multi-head latent attention (mla)"),
-            "mlp_kwargs": _moe_check("DeepseekV3", ("sigmoid_topk",), shared=True, scaling=True),
+            "mlp_kwargs": _moe_check(config_class.removesuffix("Config"), (self.router,), shared=True, scaling=True,
+                                     norm_topk_prob=norm_topk_prob, group_options=True),
             "dense_mlp_layers": lambda v, c: (None if v == list(range(len(v))) else
                                               "its dense layers are the first ones (first_k_dense_replace)"),
             "linear": ("dense",), "linear_kwargs": ({},)})
@@ -513,43 +521,54 @@ class DeepSeekV3(Architecture):
         return mscale * mscale if rope_parameters["factor"] > 1 else 1.0
 
     def zoo_fields(self, hf) -> dict:
-        if hf.num_key_value_heads != hf.num_attention_heads:
-            unsupported("DeepseekV3", "num_key_value_heads", hf.num_key_value_heads,
+        name = self.config_class.removesuffix("Config")
+        if _hf_get(hf, "num_key_value_heads", hf.num_attention_heads) != hf.num_attention_heads:
+            unsupported(name, "num_key_value_heads", hf.num_key_value_heads,
                         "latent attention with fewer key/value heads than heads")
-        if _activation(hf, "DeepseekV3") != "silu":
-            unsupported("DeepseekV3", "hidden_act", hf.hidden_act)
-        routing = {"n_group": int(_hf_get(hf, "n_group", 1)), "topk_group": int(_hf_get(hf, "topk_group", 1))}
+        if _activation(hf, name) != "silu":
+            unsupported(name, "hidden_act", hf.hidden_act)
+        if _hf_get(hf, "mlp_bias", False):
+            unsupported(name, "mlp_bias", True)
+        routing = self.routing(hf)
         return dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers,
                     n_heads=hf.num_attention_heads, n_kv_heads=hf.num_attention_heads, d_ff=hf.intermediate_size,
                     max_seq_len=hf.max_position_embeddings, norm_eps=float(hf.rms_norm_eps),
                     init_std=float(_hf_get(hf, "initializer_range", 0.02)),
                     tie_word_embeddings=bool(hf.tie_word_embeddings), attention_bias=_attention_bias(hf),
-                    **_rope_fields(hf, "DeepseekV3"),
+                    **_rope_fields(hf, name),
                     mla={"q_lora_rank": hf.q_lora_rank, "kv_lora_rank": hf.kv_lora_rank,
                          "qk_nope_head_dim": hf.qk_nope_head_dim, "qk_rope_head_dim": hf.qk_rope_head_dim,
                          "v_head_dim": hf.v_head_dim},
                     mlp="moe", dense_mlp_layers=list(range(min(hf.first_k_dense_replace, hf.num_hidden_layers))),
                     mlp_kwargs={"num_experts": hf.n_routed_experts, "num_experts_per_tok": hf.num_experts_per_tok,
-                                "router": "sigmoid_topk", "router_kwargs": routing,
-                                "norm_topk_prob": bool(hf.norm_topk_prob),
+                                "router": self.router, "router_kwargs": routing,
+                                "norm_topk_prob": bool(hf.norm_topk_prob) and self.router == "sigmoid_topk",
                                 "routed_scaling_factor": float(hf.routed_scaling_factor),
                                 "moe_intermediate_size": hf.moe_intermediate_size,
                                 "n_shared_experts": int(hf.n_shared_experts or 0),
                                 "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0})
+
+    @staticmethod
+    def routing(hf) -> dict:
+        return {"n_group": int(_hf_get(hf, "n_group", 1)), "topk_group": int(_hf_get(hf, "topk_group", 1))}
+
+    def extra_hf_kwargs(self, routing: dict) -> dict:
+        return {"rope_interleave": True}
 
     def hf_config_kwargs(self, c: ZooLMConfig) -> dict:
         o = MoEOptions.from_kwargs(c.mlp_kwargs)
         routing = {k: v for k, v in o.router_kwargs.items() if k in ("n_group", "topk_group")}
         width = o.expert_width(c.d_ff)
         if o.shared_expert_intermediate_size not in (None, o.n_shared_experts * width):
-            refuse("mlp_kwargs.shared_expert_intermediate_size", o.shared_expert_intermediate_size, "DeepseekV3",
+            refuse("mlp_kwargs.shared_expert_intermediate_size", o.shared_expert_intermediate_size,
+                   self.config_class.removesuffix("Config"),
                    "its shared experts are n_shared_experts x moe_intermediate_size wide")
         return dict(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
                     num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, intermediate_size=c.d_ff,
                     max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, initializer_range=c.init_std,
                     tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.attention_bias == "all",
                     rope_parameters={"rope_type": "default", **c.rope_kwargs, "rope_theta": c.rope_theta},
-                    rope_interleave=True, **c.mla, n_routed_experts=o.num_experts,
+                    **self.extra_hf_kwargs(routing), **c.mla, n_routed_experts=o.num_experts,
                     num_experts_per_tok=o.num_experts_per_tok, n_group=routing.get("n_group", 1),
                     topk_group=routing.get("topk_group", 1), norm_topk_prob=o.norm_topk_prob,
                     routed_scaling_factor=o.routed_scaling_factor, moe_intermediate_size=width,
@@ -590,11 +609,36 @@ class DeepSeekV3(Architecture):
                 rules += _swiglu(z + "mlp.", h + "mlp.")
                 continue
             rules += [rename(z + "mlp.router.proj.weight", h + "mlp.gate.weight"),
-                      rename(z + "mlp.router.bias", h + "mlp.gate.e_score_correction_bias"),
                       *_experts(z + "mlp.experts.", h + "mlp.experts.")]
+            if self.router == "sigmoid_topk":
+                rules.append(rename(z + "mlp.router.bias", h + "mlp.gate.e_score_correction_bias"))
             if MoEOptions.from_kwargs(c.mlp_kwargs).n_shared_experts:
                 rules += _swiglu(z + "mlp.shared.", h + "mlp.shared_experts.")
         return rules
+
+
+class DeepSeekV2(DeepSeekV3):
+    """DeepSeek-V2 / V2-Lite: as V3 with softmax routing (greedy, or group-limited by each group's best expert),
+    unnormalised top-k weights and complex-pair (interleaved) RoPE."""
+
+    router = "softmax_topk"
+
+    def __init__(self):
+        super().__init__("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", norm_topk_prob=False)
+
+    @staticmethod
+    def routing(hf) -> dict:
+        method = _hf_get(hf, "topk_method", "greedy")
+        if method == "greedy":
+            return {}
+        if method != "group_limited_greedy":
+            unsupported("DeepseekV2", "topk_method", method, "supported: greedy, group_limited_greedy")
+        return {"n_group": int(hf.n_group), "topk_group": int(hf.topk_group)}
+
+    def extra_hf_kwargs(self, routing: dict) -> dict:
+        if not routing or routing.get("n_group", 1) == 1:
+            return {"topk_method": "greedy"}
+        return {"topk_method": "group_limited_greedy"}
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
@@ -612,11 +656,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                 sliding=True, dense_layers=True),
     LlamaFamily("olmoe", "OlmoeConfig", "OlmoeForCausalLM", moe=True, bias="flag", qk_norm="full"),
     DeepSeekV3(),
+    DeepSeekV2(),
 )}
 
 # The order `zoo export --to transformers` tries when no architecture is named: the first that holds the model.
 EXPORT_ORDER = ("llama", "qwen2", "qwen3", "gemma", "gpt2", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                "deepseek_v3")
+                "deepseek_v3", "deepseek_v2")
 
 
 def architecture(model_type: str) -> Architecture:

@@ -25,8 +25,6 @@ from zoo.hub import TOKENIZER_FILES
 from zoo.interop.architectures import ARCHITECTURES, architecture, export_architecture, hf_state, zoo_state
 
 
-
-
 def transformers_model_type(folder: Path) -> str | None:
     """The model_type of folder/config.json when it names a transformers architecture (not a zoo type)."""
     try:
@@ -45,6 +43,19 @@ def zoo_config_of(hf_config, **overrides) -> tuple[ZooLMConfig, dict]:
     from zoo.loading import make_config
 
     return make_config(ZooLMConfig, fields, overrides, where=f"a {arch.config_class}"), fields
+
+
+def describe_import(folder: str | Path) -> dict | None:
+    """What importing a transformers folder maps: its architecture and the zoo fields it becomes (None when
+    the folder is not a transformers checkpoint)."""
+    from transformers import AutoConfig
+
+    model_type = transformers_model_type(Path(folder))
+    if model_type is None:
+        return None
+    arch = architecture(model_type)
+    fields = arch.zoo_fields(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    return {"architecture": model_type, "transformers_class": arch.model_class, "zoo_fields": fields}
 
 
 @torch.no_grad()
@@ -119,7 +130,6 @@ def _fill_meta(module: nn.Module, init) -> None:
 
 def import_checkpoint(folder: str | Path, *, dtype: torch.dtype | None = None, **overrides) -> ZooLMForCausalLM:
     """A transformers checkpoint folder -> a zoo LM with the same logits (overrides change zoo config fields)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     model_type = transformers_model_type(folder)
@@ -207,5 +217,5 @@ def export_checkpoint(model: ZooLMForCausalLM, out: str | Path, *, architecture_
             "tokenizer_files": copied}
 
 
-__all__ = ["ARCHITECTURES", "export_checkpoint", "from_transformers_model", "import_checkpoint", "to_transformers",
-           "transformers_config", "transformers_model_type"]
+__all__ = ["ARCHITECTURES", "describe_import", "export_checkpoint", "from_transformers_model",
+           "import_checkpoint", "to_transformers", "transformers_config", "transformers_model_type"]

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--work", default="/tmp/sae-bench-throughput", help="folder for the source LM and runs")
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--no-sparsify", action="store_true", help="skip EleutherAI sparsify (pip install eai-sparsify)")
     args = p.parse_args(argv)
 
     from sae_lens import __version__ as sae_lens_version
@@ -104,8 +105,43 @@ def main(argv: list[str] | None = None) -> int:
             trainer.n_training_steps += 1
         return step
 
+    # ---- EleutherAI sparsify: its SparseCoder and the per-step work of its Trainer.fit ----------------------
+    def sparsify_trainer():
+        """sparsify's training step on the same batches: b_dec = batch mean on the first step, unit-norm decoder
+        rows, forward with the dead mask (AuxK at our coefficient, 1/32), loss fvu + alpha * auxk, backward,
+        gradient parallel to the decoder rows removed, optimizer step, dead-latent counts. Its Trainer wraps
+        exactly this around a model's forward hooks (no activation store), so it is driven directly here.
+        Adam at our learning rate (sparsify's `optimizer="adam"`; its default signum is another optimizer)."""
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        torch.manual_seed(0)
+        sae = SparseCoder(args.d_in, SparseCoderConfig(expansion_factor=args.expansion, k=args.k), device="cpu")
+        opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+        since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+        batches = (store.batch(s, batch, seed=0) for s in range(10**9))
+        first = [True]
+
+        def step():
+            x = next(batches).float()
+            if first[0]:
+                sae.b_dec.data = x.mean(0)
+                first[0] = False
+            sae.set_decoder_norm_to_unit_norm()
+            out = sae(x, dead_mask=since_fired > 250_000)
+            (out.fvu + out.auxk_loss / 32).backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                since_fired.add_(x.shape[0])
+                since_fired[out.latent_indices.flatten()] = 0
+        step.sae = sae
+        return step
+
     sides = {"ours (Trainer + SAETask)": our_step, "SAELens SAETrainer (dense)": lens_trainer(False),
              "SAELens SAETrainer (use_sparse_activations)": lens_trainer(True)}
+    if not args.no_sparsify:
+        sides["sparsify SparseCoder (its training step, Adam)"] = sparsify_trainer()
     results: dict[str, list[dict]] = {name: [] for name in sides}
     names = list(sides)
     failed: dict[str, str] = {}
@@ -124,6 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1} {name}: {w['acts_per_s']:.0f} activations/s "
                   f"(cpu {w['cpu'] / w['wall']:.2f} cores, load {w['load']:.1f})", flush=True)
 
+    # ---- FVU after the same steps, on one held-out batch of the store --------------------------------------
+    held_out = store.batch(10**6, batch, seed=1).float()
+    fvu = {}
+    with torch.no_grad():
+        def fvu_of(x_hat):
+            return float((x_hat - held_out).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+        sae = ours.model
+        sae.eval()
+        fvu[names[0]] = fvu_of(sae.reconstruct(held_out)[0])
+        sp = sides.get("sparsify SparseCoder (its training step, Adam)")
+        if sp is not None:
+            fvu["sparsify SparseCoder (its training step, Adam)"] = float(sp.sae(held_out).fvu)
+    print("FVU on a held-out batch after the same steps: " + ", ".join(f"{k}: {v:.4f}" for k, v in fvu.items()))
+
     base = statistics.median(w["acts_per_s"] for w in results[names[0]])
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\nTopK SAE d_in {args.d_in}, d_sae {d_sae}, k {args.k}, batch {batch} activations, fp32; "
@@ -140,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(rates)
         print(f"| {name} | {med:,.0f} | {', '.join(f'{v:,.0f}' for v in rates)} | {base / med:.2f}x |")
     if args.json:
-        raw = {"args": vars(args), "results": results, "failed": failed, "when": when}
+        raw = {"args": vars(args), "results": results, "failed": failed, "when": when, "fvu_held_out": fvu}
         Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0
 

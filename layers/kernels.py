@@ -101,13 +101,14 @@ def local_attention_path(q: torch.Tensor, key_padding_mask: torch.Tensor | None)
 
 
 # Query block of the sdpa-blocks path: smaller blocks compute fewer masked scores (span = block + window - 1),
-# larger ones make fewer calls; 128 was fastest at window 256 on CPU (benchmarks/local_vs_flex.py).
-LOCAL_SDPA_BLOCK = 128
+# larger ones make fewer, larger products. At window 256 on CPU (one thread) 32 was fastest without autograd
+# and 128 with it (the backward of the overlapping key windows favours fewer blocks): benchmarks/local_vs_flex.py.
+LOCAL_SDPA_BLOCK = {"inference": 32, "training": 128}
 
 
-def local_attention_block(window: int) -> int:
-    """The query block of the sdpa-blocks path for this window."""
-    return min(window, LOCAL_SDPA_BLOCK)
+def local_attention_block(window: int, training: bool = False) -> int:
+    """The query block of `local` attention for this window, with or without autograd."""
+    return min(window, LOCAL_SDPA_BLOCK["training" if training else "inference"])
 
 
 def describe() -> dict[str, bool]:

@@ -84,11 +84,16 @@ def band_mask(layout: WindowLayout, device: torch.device) -> tuple[torch.Tensor,
     return (diff <= layout.left) & (diff >= -layout.right), diff
 
 
-def window_mask(layout: WindowLayout, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """(1 or b, 1, n_blocks, block, span) bool: True where a query may attend to a key of its window."""
+def window_mask(layout: WindowLayout, key_padding_mask: torch.Tensor | None, device: torch.device,
+                blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """(1 or b, 1, n_blocks, block, span) bool: True where a query may attend to a key of its window.
+
+    blocks=(i, j): only the rows of blocks i..j-1 (no key padding mask), without building the others.
+    """
     allowed, diff = band_mask(layout, device)
     c = torch.arange(layout.span, device=device)[None, :]
-    starts = layout.offset + torch.arange(layout.n_blocks, device=device)[:, None] * layout.block
+    first, last = blocks or (0, layout.n_blocks)
+    starts = layout.offset + torch.arange(first, last, device=device)[:, None] * layout.block
     key_pos = starts - layout.left + c  # (n_blocks, span)
     allowed = allowed & ((key_pos >= 0) & (key_pos < layout.k_len))[:, None, :]  # (n_blocks, block, span)
     allowed = allowed[None, None]
@@ -115,7 +120,8 @@ def local_attention(
     else the scores of all blocks are written out (`local_attention_reference`, the semantics).
     """
     check_qkv(q, k, v)
-    block = block or kernels.local_attention_block(window)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    block = block or kernels.local_attention_block(window, training)
     if kernels.local_attention_path(q, key_padding_mask) == "sdpa-blocks":
         return local_attention_sdpa(q, k, v, window, causal, block)
     return local_attention_reference(q, k, v, window, causal, key_padding_mask, block)
@@ -142,9 +148,9 @@ def _edge_blocks(layout: WindowLayout) -> tuple[int, int]:
     return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
 
-# Query blocks per SDPA call: bounds the key-window copies alive at once (about 2 * group * span * d floats
-# per head) without making the calls small.
-SDPA_GROUP_ROWS = 4096
+# Query rows per SDPA call: bounds the key-window copies alive at once (2 * span / block key rows per query row)
+# to about the output's size at n = 16k, so inference peaks under 2x fused SDPA's (BENCHMARKS.md, issue 18).
+SDPA_GROUP_ROWS = 2048
 
 
 def local_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool = True,
@@ -152,31 +158,41 @@ def local_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     """local_attention through torch's fused SDPA on each query block and its key window (no key padding).
 
     Blocks whose window lies inside the sequence share one (block, span) mask; the few at the ends get
-    their own rows of `window_mask`. Blocks go to SDPA `SDPA_GROUP_ROWS // block` at a time, so that only
-    their key windows are copied at once; no scores are ever written out (SDPA's CPU flash kernel).
+    their own rows of `window_mask`. Blocks go to SDPA about `SDPA_GROUP_ROWS` query rows at a time, so
+    only their key windows are copied at once; no scores are ever written out (SDPA's CPU flash kernel).
+    Without autograd each group's output is written into the result (peak: the output and one group).
     """
     k, v = repeat_kv_heads(q, k, v)
     b, h, q_len, d = q.shape
     layout = window_layout(q_len, k.shape[-2], window, causal, block)
-    qb = query_windows(q, layout).flatten(0, 1)  # (b*h, n_blocks, block, d)
     lo, hi = _edge_blocks(layout)
-    full = None  # window_mask of every block, built only if some block needs it
     group = max(1, SDPA_GROUP_ROWS // layout.block)
+    keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = None if keep_graph else q.new_empty(b, h, q_len, d)
     pieces = []
     i = 0
     while i < layout.n_blocks:
         interior = lo <= i < hi
         j = min(hi if interior else (lo if i < lo else layout.n_blocks), i + group)
+        r0, r1 = i * layout.block, min(j * layout.block, q_len)
+        qg = q[:, :, r0:r1]
+        if r1 - r0 < (j - i) * layout.block:  # the last block is short
+            qg = F.pad(qg, (0, 0, 0, (j - i) * layout.block - (r1 - r0)))
+        qg = qg.reshape(b * h, j - i, layout.block, d)
         kb, vb = (_key_windows_of(x, layout, i, j).flatten(0, 1) for x in (k, v))  # (b*h, j - i, span, d)
         if interior:
             mask = band_mask(layout, q.device)[0]  # (block, span)
         else:
-            full = window_mask(layout, None, q.device)[0] if full is None else full  # (1, n_blocks, block, span)
-            mask = full[:, i:j]
-        pieces.append(F.scaled_dot_product_attention(qb[:, i:j], kb, vb, attn_mask=mask))
+            mask = window_mask(layout, None, q.device, blocks=(i, j))[0]  # (1, j - i, block, span)
+        piece = F.scaled_dot_product_attention(qg, kb, vb, attn_mask=mask).view(b, h, -1, d)[:, :, : r1 - r0]
+        if out is None:
+            pieces.append(piece)
+        else:
+            out[:, :, r0:r1] = piece
         i = j
-    out = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]  # (b*h, n_blocks, block, d)
-    return out.view(b, h, -1, d)[:, :, :q_len]
+    if out is not None:
+        return out
+    return torch.cat(pieces, 2) if len(pieces) > 1 else pieces[0]
 
 
 def _key_windows_of(x: torch.Tensor, layout: WindowLayout, i: int, j: int) -> torch.Tensor:
@@ -187,12 +203,12 @@ def _key_windows_of(x: torch.Tensor, layout: WindowLayout, i: int, j: int) -> to
     part = x[:, :, max(0, first):min(last, layout.k_len)]
     if pad_lo or pad_hi:
         part = F.pad(part, (0, 0, pad_lo, pad_hi))
-    return part.unfold(2, layout.span, layout.block).transpose(-1, -2).contiguous()
+    return part.unfold(2, layout.span, layout.block).transpose(-1, -2)  # overlapping view: SDPA reads strides
 
 
 def local_flops_per_token(head_dim: int, seq_len: int, window: int, causal: bool) -> float:
     """Forward FLOPs per query and head of `local_attention` at prefill: q.k and p.v over each block's span."""
-    layout = window_layout(seq_len, seq_len, window, causal, kernels.local_attention_block(window))
+    layout = window_layout(seq_len, seq_len, window, causal, kernels.local_attention_block(window))  # inference
     computed = layout.n_blocks * layout.block * layout.span  # score entries, masked ones included
     return 4 * head_dim * computed / seq_len
 

@@ -22,6 +22,8 @@ from torch import nn
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
 from layers.attention.random_projection import RandomProjection
 
+# Causal prefill without autograd runs this many positions at a time (a running state between groups).
+INFERENCE_GROUP_ROWS = 1024
 KEY_LOG_BOUND = 40.0  # key features stay under exp(40): sums over a long sequence stay finite in float32
 
 
@@ -43,19 +45,20 @@ def favor_features(x: torch.Tensor, proj: torch.Tensor, is_query: bool) -> tuple
 
 
 def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v1: torch.Tensor, causal: bool,
-                     chunk: int) -> torch.Tensor:
+                     chunk: int, state: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j phi(q_i).phi(k_j) v1_j over the keys query i sees: (b, h, q_len, e) for v1 (b, h, k_len, e).
 
     The queries are the last q_len positions. Causal: a prefix state over the keys before the
-    first query, then chunks of `chunk` positions.
+    first query (plus `state` (b, h, m, e), the sum over keys before phi_k's first, if given), then
+    chunks of `chunk` positions.
     """
     if not causal:
         return phi_q @ (phi_k.transpose(-1, -2) @ v1)  # (b, h, q_len, m) @ (b, h, m, e)
     q_len = phi_q.shape[-2]
     offset = phi_k.shape[-2] - q_len
-    state = None
     if offset:  # keys before the first query (decoding): one (m, e) state for all
-        state = phi_k[:, :, :offset].transpose(-1, -2) @ v1[:, :, :offset]  # (b, h, m, e)
+        prefix = phi_k[:, :, :offset].transpose(-1, -2) @ v1[:, :, :offset]  # (b, h, m, e)
+        state = prefix if state is None else state + prefix
         phi_k, v1 = phi_k[:, :, offset:], v1[:, :, offset:]
     chunk = max(1, min(chunk, q_len))
     n_chunks = math.ceil(q_len / chunk)
@@ -111,6 +114,9 @@ class PerformerAttention(nn.Module):
         """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
         check_qkv(q, k, v)
         k, v = repeat_kv_heads(q, k, v)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, self.features.weight))
+        if causal and key_padding_mask is None and not grad and k.shape[-2] == q.shape[-2] > INFERENCE_GROUP_ROWS:
+            return self._causal_in_groups(q, k, v)
         with torch.autocast(q.device.type, enabled=False):  # exp features need float32
             phi_q, _ = favor_features(q, self.features.weight, is_query=True)
             phi_k, _ = favor_features(k, self.features.weight, is_query=False)
@@ -118,6 +124,24 @@ class PerformerAttention(nn.Module):
                 phi_k = phi_k * key_padding_mask[:, None, :, None]
             acc = linear_attention(phi_q, phi_k, with_ones(v.float()), causal, self.chunk)
         return normalise(acc).to(q.dtype)
+
+    def _causal_in_groups(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal prefill without autograd, INFERENCE_GROUP_ROWS positions at a time with a running (m, e) state:
+        the same sums as the one-pass form, but only one group's features and chunk states are alive
+        (peak memory: the output plus one group's scratch, issue 18)."""
+        n, group = q.shape[-2], max(self.chunk, INFERENCE_GROUP_ROWS // self.chunk * self.chunk)
+        out = q.new_empty(q.shape)
+        state = None
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, n, group):
+                rows = slice(start, min(start + group, n))
+                phi_q, _ = favor_features(q[:, :, rows], self.features.weight, is_query=True)
+                phi_k, _ = favor_features(k[:, :, rows], self.features.weight, is_query=False)
+                v1 = with_ones(v[:, :, rows].float())
+                out[:, :, rows] = normalise(linear_attention(phi_q, phi_k, v1, True, self.chunk, state)).to(q.dtype)
+                step = phi_k.transpose(-1, -2) @ v1  # (b, h, m, e): this group's keys, for the later groups
+                state = step if state is None else state.add_(step)
+        return out
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs per query token and head."""

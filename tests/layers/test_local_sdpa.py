@@ -41,6 +41,8 @@ def test_sdpa_blocks_equal_dense_masked_attention_values_and_gradients(causal, q
     out = local.local_attention_sdpa(q, k, v, window, causal, block)
     ref = dense_window(q, k, v, window, causal)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference writes each group into the result instead of concatenating
+        torch.testing.assert_close(local.local_attention_sdpa(q, k, v, window, causal, block), out)
     torch.testing.assert_close(out, local.local_attention_reference(q, k, v, window, causal, block=block),
                                atol=1e-5, rtol=1e-5)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))

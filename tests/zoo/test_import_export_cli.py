@@ -42,8 +42,8 @@ def test_zoo_export_writes_what_transformers_alone_loads_and_the_tokenizer(qwen,
     report = json.loads(capsys.readouterr().out)
     assert report["architecture"] == "qwen2" and "tokenizer.json" in report["tokenizer_files"]
     theirs = AutoModelForCausalLM.from_pretrained(qwen).eval()
-    name, logits = run_without_zoo(tmp_path / "out", _ids(), tmp_path)
-    assert name == "Qwen2ForCausalLM" and (logits - _logits(theirs, _ids())).abs().max() <= ATOL
+    names, logits = run_without_zoo({"q": tmp_path / "out"}, _ids(), tmp_path)
+    assert names["q"] == "Qwen2ForCausalLM" and (logits["q"] - _logits(theirs, _ids())).abs().max() <= ATOL
     text = "the quick brown fox"
     assert AutoTokenizer.from_pretrained(tmp_path / "out")(text)["input_ids"] == \
         AutoTokenizer.from_pretrained(qwen)(text)["input_ids"]
@@ -65,8 +65,8 @@ def test_zoo_export_of_a_zoo_catalog_model_round_trips(tmp_path):
     ours = zoo.load("moe-tiny", n_layers=1, d_model=64)
     ours.save_pretrained(tmp_path / "moe")
     assert main(["export", str(tmp_path / "moe"), str(tmp_path / "out")]) == 0
-    name, logits = run_without_zoo(tmp_path / "out", _ids(seq=12) % 256, tmp_path)
-    assert name == "MixtralForCausalLM" and (logits - _logits(ours, _ids(seq=12) % 256)).abs().max() <= ATOL
+    names, logits = run_without_zoo({"m": tmp_path / "out"}, _ids(seq=12) % 256, tmp_path)
+    assert names["m"] == "MixtralForCausalLM" and (logits["m"] - _logits(ours, _ids(seq=12) % 256)).abs().max() <= ATOL
 
 
 def test_zoo_convert_swaps_attention_on_a_transformers_checkpoint(qwen, tmp_path, capsys):
@@ -121,3 +121,16 @@ def test_publish_either_form_and_load_it_back(hub, hub_cache, qwen, tmp_path):
     theirs = _logits(AutoModelForCausalLM.from_pretrained(qwen).eval(), _ids())
     for repo in (zoo_repo, hf_repo):
         assert (_logits(zoo.load(repo), _ids()) - theirs).abs().max() <= ATOL
+
+
+def test_zoo_train_fine_tunes_a_transformers_checkpoint_with_its_tokenizer(qwen, tmp_path):
+    out = tmp_path / "runs"
+    assert main(["train", str(qwen), "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-every", "3",
+                 "--eval-batches", "1", "--warmup-steps", "1", "--out", str(out)]) == 0
+    final = next(out.rglob("final"))
+    tuned = zoo.load(final)
+    assert tuned.config.attention_bias == "qkv" and tuned.config.vocab_size == hf_models.VOCAB
+    assert AutoTokenizer.from_pretrained(final)("the lazy dog")["input_ids"] == \
+        AutoTokenizer.from_pretrained(qwen)("the lazy dog")["input_ids"]
+    before = zoo.load(qwen)
+    assert not torch.equal(tuned.blocks[0].attn.q_proj.weight, before.blocks[0].attn.q_proj.weight)  # it trained

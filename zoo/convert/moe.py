@@ -45,7 +45,9 @@ def moe_from_transformers(block: nn.Module) -> MoEMLP:
     """Our MoEMLP with the weights and routing of a transformers sparse-MoE block (Mixtral, Qwen2-MoE, OLMoE).
 
     Outputs match in eval mode. In training, Mixtral's jitter also scales the experts' input; ours scales
-    only the router's input (Switch Transformer), so jittered training steps differ.
+    only the router's input (Switch Transformer), so jittered training steps differ. This converts one
+    block; a layer spliced into a model does not change that model's config (a save would not record it).
+    To bring a whole transformers model in, `zoo.load(folder_or_repo)` imports it (zoo/interop).
     """
     _check_block(block)
     gate, experts = block.gate, block.experts

@@ -191,11 +191,10 @@ def test_k_and_top_p_on_an_imported_moe_change_routing_and_cost(arch, folders):
     assert cost1["active_params"] <= mean <= cost["active_params"]
 
 
-DENSE = [a for a in hf_models.ARCHITECTURES if a not in hf_models.MOE_ARCHITECTURES]
 KIND_BUDGETS = {"local": {"window": 64}, "lsh": {}, "performer": {}, "scatterbrain": {}}
 
 
-@pytest.mark.parametrize("arch", DENSE)
+@pytest.mark.parametrize("arch", hf_models.ARCHITECTURES)
 @pytest.mark.parametrize("kind", sorted(KIND_BUDGETS))
 def test_every_attention_kind_swaps_onto_an_imported_model(arch, kind, folders):
     dense = zoo.load(folders[arch], attention="dense", attention_kwargs={})

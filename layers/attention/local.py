@@ -120,6 +120,10 @@ def local_attention(
     else the scores of all blocks are written out (`local_attention_reference`, the semantics).
     """
     check_qkv(q, k, v)
+    start = max(0, k.shape[-2] - q.shape[-2] - (window - 1))  # keys before it are outside every query's window
+    if start:  # decoding: O(window) work and copies whatever the position (GQA heads repeated after the cut)
+        k, v = k[:, :, start:], v[:, :, start:]
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, start:]
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     block = block or kernels.local_attention_block(window, training)
     if kernels.local_attention_path(q, key_padding_mask) == "sdpa-blocks":

@@ -74,3 +74,15 @@ def test_bf16_sdpa_blocks_stay_close_to_fp32():
     out = local.local_attention_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), 16, True, 8)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), dense_window(q, k, v, 16, True), atol=3e-2, rtol=3e-2)
+
+
+def test_decoding_reads_only_the_last_window_of_keys():
+    # Keys before the window never matter: garbage there changes nothing, with and without key padding.
+    q, k, v = qkv(2, 4, 2, 3, 200)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    for m in (None, mask):
+        out = local.local_attention(q, k, v, 16, True, key_padding_mask=m)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, :180], v2[:, :, :180] = float("nan"), float("nan")
+        torch.testing.assert_close(local.local_attention(q, k2, v2, 16, True, key_padding_mask=m), out)
+        torch.testing.assert_close(out, dense_window(q, k, v, 16, True), atol=1e-5, rtol=1e-5)

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None, help="default: steps / 10")
     p.add_argument("--data", nargs="+", default=[str(MIXED_CORPUS)],
                    help="training data (default: the bundled mixed corpus, 23.75M byte tokens)")
-    p.add_argument("--eval-blocks", type=int, default=256,
+    p.add_argument("--eval-blocks", type=int, default=128,
                    help="held-out blocks per half (selection / report), spread over the corpus (0: all)")
     p.add_argument("--set", dest="overrides", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a model config field for every LM family (e.g. n_layers=1 for a smoke run)")

@@ -229,6 +229,7 @@ def train_run(spec: RunSpec, work: Path, keep_final: bool = True, quiet: bool = 
     cfg = TrainConfig(model=spec.model, model_overrides=dict(spec.overrides), out=str(out), steps=spec.steps,
                       batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr, seed=spec.seed,
                       data=list(spec.data) if spec.data else None, warmup_steps=spec.warmup_steps,
+                      val_split="interleaved",
                       eval_every=spec.steps, checkpoint_every=spec.steps, eval_batches=1, keep_last=1,
                       log_every=max(1, spec.steps // 4))
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -305,6 +306,10 @@ class Protocol:
         first, rest = self.seeds[0], self.seeds[1:]
         sweep = {lr: self._run(self.spec(model, lr, first, overrides), keep=True) for lr in self.lrs}
         lr = min(self.lrs, key=lambda x: sweep[x]["select_loss"])
+        for x in self.lrs:  # only the chosen rate's checkpoint is used later (the training-free frontier)
+            final = sweep[x].get("final")
+            if x != lr and final and Path(final).is_dir():
+                shutil.rmtree(Path(final).parent, ignore_errors=True)
         runs = [sweep[lr]] + [self._run(self.spec(model, lr, seed, overrides), keep=False) for seed in rest]
         return {"lr": lr, "sweep": {str(x): sweep[x]["select_loss"] for x in self.lrs}, "runs": runs}
 

@@ -9,7 +9,6 @@ from torch import nn
 from layers.linear import make_linear
 from layers.registry import Registry
 
-
 # Activations by name; the transformers names (hidden_act) they stand for are in ACTIVATION_ALIASES.
 ACTIVATIONS = {
     "silu": F.silu,

@@ -28,8 +28,8 @@ from transformers.utils import can_return_tuple
 
 from layers import attention, linear, mlp, norm
 from layers.attention import SelfAttention
-from layers.attention.random_projection import RandomProjection
 from layers.attention.mla import LatentSelfAttention
+from layers.attention.random_projection import RandomProjection
 from layers.attention.self_attention import BIASES, QK_NORMS
 from layers.moe import MoEMLP, moe_layers, set_num_experts_per_tok, set_top_p
 from layers.norm import LayerNorm, RMSNorm, UnitOffsetRMSNorm, make_norm

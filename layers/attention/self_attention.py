@@ -73,7 +73,8 @@ class SelfAttention(nn.Module):
         implementation: str = "sdpa",
         return_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (batch, seq, d_model); cos/sin: the rotary angles (None: no rotary, positions are elsewhere). `cache` is a transformers Cache (anything with update(k, v, layer_idx)).
+        """x: (batch, seq, d_model); cos/sin: the rotary angles (None: no rotary, positions are elsewhere).
+        `cache` is a transformers Cache (anything with update(k, v, layer_idx)).
 
         kv_length: the keys that exist after this step (past + current); a static cache returns its whole
         preallocated buffer, of which only these are written. implementation: "sdpa" or "eager" (the

@@ -23,6 +23,5 @@ def register_converter(name: str) -> Callable:
 from zoo.convert import structured  # noqa: E402,F401
 
 # isort: split
-from zoo.convert import moe  # noqa: E402,F401
+from zoo.convert import attention, moe  # noqa: E402,F401
 from zoo.convert.moe import moe_from_transformers  # noqa: E402,F401
-from zoo.convert import attention  # noqa: E402,F401

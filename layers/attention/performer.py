@@ -23,7 +23,7 @@ from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_
 from layers.attention.random_projection import RandomProjection
 
 # Causal prefill without autograd runs this many positions at a time (a running state between groups).
-INFERENCE_GROUP_ROWS = 1024
+INFERENCE_GROUP_ROWS = 512  # 1.8x fused SDPA's peak at n = 16k (1024: 2.7x); still faster than one pass
 KEY_LOG_BOUND = 40.0  # key features stay under exp(40): sums over a long sequence stay finite in float32
 
 

@@ -194,7 +194,7 @@ def sae_frontier(dense_final: str, args, ledger) -> dict[str, list[dict]]:
 
         def run(argv=argv) -> dict:
             start = time.perf_counter()
-            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
                 trainer = Trainer(parse_args(argv))
                 trainer.run()
             sae = trainer.model

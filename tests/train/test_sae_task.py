@@ -45,7 +45,9 @@ def test_zoo_train_on_an_sae_entry_writes_a_checkpoint_that_zoo_load_reads(sourc
     assert sorted(curve) == list(range(1, 41))
     first, last = curve[1]["loss"], sum(curve[s]["loss"] for s in range(36, 41)) / 5
     assert last < 0.8 * first, (first, last)
-    assert curve[40]["val_fvu"] < 0.6 and curve[40]["val_l0"] == pytest.approx(4.0)
+    # TopK keeps k latents, then ReLU: a kept latent whose pre-activation is <= 0 is off (rare once the decoder
+    # bias starts at the data mean and inputs are centred), so L0 is at most k and close to it
+    assert curve[40]["val_fvu"] < 0.6 and 3.9 <= curve[40]["val_l0"] <= 4.0
     sae = load(str(run / "final"))
     assert type(sae).__name__ == "SAE" and sae.config.kind == "topk" and sae.config.k == 4
     assert sae.config.act_scale is not None and sae.config.context_size == 32

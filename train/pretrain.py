@@ -18,8 +18,21 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, train, print the summary; the exit code says how it went (see the module docstring)."""
-    prog = "zoo train" if argv is not None else "python -m train.pretrain"
     run: dict = {}  # the Trainer, once there is one: what the signal handlers report
+    code = _main(argv, run)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank of a multi-process run ends here, without tearing its objects down: freeing the DDP model
+        # destroys the gloo process group, whose destructor joins a worker thread that may be waiting for the
+        # GIL the freeing thread holds (a deadlock seen once in a few runs under load). Everything is written
+        # and the process group is destroyed already; only the output streams need flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None, run: dict) -> int:
+    prog = "zoo train" if argv is not None else "python -m train.pretrain"
     previous = _stop_outside_the_loop(prog, run)
     try:
         import torch.distributed as dist

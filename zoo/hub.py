@@ -37,7 +37,8 @@ CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "READ
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: {"weight_map": {tensor: shard file}}
 WEIGHTS_SUFFIX = ".safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
+                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "tokenizer.model")  # SentencePiece's model (a protobuf, not a pickle): Llama / Gemma repos
 # What a checkpoint carries besides config and weights: fetched when present, uploaded when present.
 CHECKPOINT_EXTRAS = (CARD_FILE, "generation_config.json", *TOKENIZER_FILES)
 # Every name `publish` uploads (besides *.safetensors): all parsed as JSON or read as text by their loaders,

@@ -263,9 +263,17 @@ def test_the_lock_is_held_by_a_live_trainer_and_released_by_its_run(tmp_path):
 
 # ---- item 8: SIGTERM and Ctrl-C ------------------------------------------------------------------------
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child: Ctrl-C's default disposition. A job a non-interactive shell starts in the background
+    (`cmd &`, e.g. CI launched that way) inherits SIGINT ignored, and the trainer keeps an ignored signal
+    ignored (nohup semantics), so without this the Ctrl-C tests would test the shell, not the trainer."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_process(run: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "train.pretrain", *args(run, *extra)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):

@@ -323,12 +323,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['claim']} | {_fmt(r['a_mean'])} | {_fmt(r['b_mean'])} | {d['mean']:+.4f} | "
                      f"[{d['low']:+.4f}, {d['high']:+.4f}] | {r['ratio_mean']:.3f} [{r['ratio_low']:.3f}, "
                      f"{r['ratio_high']:.3f}] | {r['n']} | {r['verdict']} | {r['within_5pct']} |")
-    lines += ["", "Per SAE (means over the complete seeds):", "",
-              "| SAE | budget | FVU | L0 | dead frac | activations/s | CPU s |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "Per SAE (means over its finished seeds):", "",
+              "| SAE | budget | FVU | L0 | dead frac | activations/s | CPU s | seeds |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["per_sae"]:
         lines.append(f"| {row['name']} | {row['budget']} | {row['fvu']:.4f} | {row['l0']:.1f} | "
                      f"{row['dead_frac']:.3f} | "
-                     f"{row['acts_per_s']:,.0f} | {row['cpu_seconds']:.0f} |")
+                     f"{row['acts_per_s']:,.0f} | {row['cpu_seconds']:.0f} | {row['n']} |")
     return "\n".join(lines)
 
 
@@ -339,7 +340,8 @@ def build_report(args, argv, ledger, lm_record: dict, hook: str, d_in: int, plan
     for r in sae_runs.values():
         by_seed.setdefault(r["seed"], set()).add(r["name"])
     complete = sorted(s for s, got in by_seed.items() if s < args.seeds and set(names) <= got)
-    runs = {k: v for k, v in sae_runs.items() if v["seed"] in complete and v["name"] in names}
+    # every finished run counts: a claim pairs the seeds where both of its sides finished (its n)
+    runs = {k: v for k, v in sae_runs.items() if v["seed"] < args.seeds and v["name"] in names}
     per_sae = []
     for item in plan:
         recs = [r for r in runs.values() if r["name"] == item["name"]]

@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.more_threads and _past(args.more_threads.split("=")[0]):
+        torch.set_num_threads(int(args.more_threads.split("=")[1]))
     from train.protocol import Ledger, train_run
 
     ledger = Ledger(out / "runs.json")

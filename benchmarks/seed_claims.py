@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.frontier import FAMILIES  # noqa: E402
-from train.protocol import Ledger, Protocol, RunSpec, held_out_losses, paired_difference, train_run, verdict  # noqa: E402
+from train.protocol import Ledger, Protocol, held_out_losses, paired_difference, train_run, verdict  # noqa: E402
 
 EQUAL_PARAMS_DENSE = {"d_model": 128}  # 0.89M parameters: the structured tiny LMs have 0.83-0.91M
 K_TRAINED, K_OTHERS = 8, (4, 16)
@@ -105,8 +105,8 @@ def claim_row(claim: str, source: str, a: dict[int, float], b: dict[int, float],
 
 def moe_k_claims(protocol: Protocol, ledger: ChainLedger, own: Ledger, work: Path, lr: float) -> list[dict]:
     """moe-fine-tiny at k = 4 / 16 against its trained k = 8, paired by seed (every seed's checkpoint kept)."""
-    from zoo import load
     from train.data import load_token_data
+    from zoo import load
 
     model = FAMILIES["moe-fine"].format(size="tiny")
     data = load_token_data(list(protocol.data) if protocol.data else None, seq_len=protocol.seq_len)

@@ -89,7 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/frontier", help="output folder (default runs/frontier)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and measure nothing: the report of what the ledger holds (a frontier in progress "
+                        "or interrupted); families without all their runs, and parts not measured, are listed "
+                        "as missing")
     return p
+
+
+class Missing(Exception):
+    """--report-only: a run or measurement the ledger does not hold."""
+
+
+class ReadOnlyLedger:
+    """A ledger whose missing keys raise Missing instead of running anything (--report-only)."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger, self.path, self.runs = ledger, ledger.path, ledger.runs
+
+    def get(self, key: str) -> dict | None:
+        return self.ledger.get(key)
+
+    def run(self, key: str, fn) -> tuple[dict, bool]:
+        if key not in self.ledger:
+            raise Missing(key)
+        return self.ledger.get(key), True
 
 
 # ---- 2. training-free frontier ------------------------------------------------------------------------------
@@ -269,6 +292,9 @@ def markdown(report: dict) -> str:
                         [[f"`{entry}`", ", ".join(f"{k}={v}" for k, v in pt["budget"].items()) or "-",
                           f"{pt['l0']:.1f}", f"{pt['fvu']:.4f}"]
                          for entry, points in report["sae"].items() for pt in points])
+    if report.get("missing"):
+        lines += ["", "Not in the ledger yet (`--report-only` of a frontier in progress): "
+                  + "; ".join(report["missing"]) + "."]
     t = report["timing"]
     lines += ["", f"Time: {t['seconds']:.0f} s this invocation ({t['trained']} runs trained, {t['skipped']} from the "
                   f"ledger); {t['seconds_per_training_run']:.1f} s per training run on average as measured "
@@ -352,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(args.overrides)
     families = ["dense", *[f for f in args.families if f != "dense"]]
     ledger = Ledger(out / "runs.json")
+    if args.report_only:
+        ledger = ReadOnlyLedger(ledger)
     protocol = Protocol(ledger=ledger, work=out / "lm", seeds=tuple(range(args.seeds)), lrs=tuple(args.lrs),
                         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, data=tuple(args.data),
                         warmup_steps=args.warmup_steps if args.warmup_steps is not None else args.steps // 10,
@@ -362,25 +390,43 @@ def main(argv: list[str] | None = None) -> int:
          f"{len(ledger.runs)} finished runs")
     data = load_token_data(args.data, seq_len=args.seq_len)  # tokenized once, before any run
     results: dict[str, dict] = {}
+    missing: list[str] = []
     for i, family in enumerate(families):
         name = FAMILIES[family].format(size=args.size)
         _say(f"family {i + 1}/{len(families)}: {family} ({name})")
-        results[family] = protocol.model(name, overrides)
+        try:
+            results[family] = protocol.model(name, overrides)
+        except Missing:
+            missing.append(f"family {family}: not all of its runs are in the ledger")
+            _say(missing[-1])
+            continue
         trained = [r["wall_seconds"] for res in results.values() for r in res["runs"]]
         if protocol.done:
             left = planned - protocol.done - protocol.skipped
             _say(f"{protocol.done + protocol.skipped}/{planned} runs done; about "
                  f"{left * _mean(trained) / 60:.0f} min of training left at {_mean(trained):.0f} s per run")
+    if "dense" not in results:
+        raise SystemExit(f"the ledger {ledger.path} does not hold every dense run yet: nothing to compare with")
     comparisons = compare(results, "dense")
     first = {f: r["runs"][0].get("final") for f, r in results.items()}
-    free = [] if args.no_training_free else training_free(first["dense"], first.get("moe"), first.get("moe-topp"),
-                                                          data, args, ledger)
-    sae = {} if args.no_sae or args.size != "tiny" else sae_frontier(first["dense"], args, ledger)
+    free, sae = [], {}
+    try:
+        if not args.no_training_free:
+            free = training_free(first["dense"], first.get("moe"), first.get("moe-topp"), data, args, ledger)
+    except Missing:
+        free = []
+        missing.append("the training-free frontier")
+    try:
+        if not args.no_sae and args.size == "tiny":
+            sae = sae_frontier(first["dense"], args, ledger)
+    except Missing:
+        sae = {}
+        missing.append("the SAE frontier")
     all_runs = [r for res in results.values() for r in res["runs"]]
     sweep_runs = [ledger.get(protocol.spec(FAMILIES[f].format(size=args.size), lr, protocol.seeds[0],
                                            overrides).key()) for f in families for lr in args.lrs]
     measured = [r for r in [*all_runs, *sweep_runs] if r]
-    per_run = _mean([r["wall_seconds"] for r in measured])
+    per_run = _mean([r["wall_seconds"] for r in measured])  # (the sweep's rejected rates included)
     # CPU seconds (all threads) over the threads used: the wall time the runs would take on an idle machine
     # (perfect thread scaling assumed, so a lower bound); the wall times above are this machine's, as busy as it was.
     idle_per_run = _mean([r.get("cpu_seconds", r["wall_seconds"]) / max(1, min(r.get("threads", 1), os.cpu_count()))
@@ -392,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
               "command": " ".join(["zoo frontier", *(argv if argv is not None else sys.argv[1:])]),
               "families": summarise(results, comparisons), "training_free": free, "sae": sae,
+              "missing": missing,
               "timing": {"seconds": time.perf_counter() - started, "trained": protocol.done,
                          "skipped": protocol.skipped, "planned_training_runs": planned,
                          "seconds_per_training_run": per_run, "idle_seconds_per_training_run": idle_per_run,

@@ -56,7 +56,7 @@ def test_claims_pair_by_seed_at_the_chosen_rate_and_leave_the_frontier_ledger_al
     rows = {r["claim"]: r for r in report["claims"]}
 
     moe = rows["moe-tiny (top-2 of 8) beats dense at equal active FLOPs"]
-    diffs = [m - d for m, d in zip(REPORT["moe"], REPORT["dense"])]
+    diffs = [m - d for m, d in zip(REPORT["moe"], REPORT["dense"], strict=True)]
     assert moe["mean"] == pytest.approx(sum(diffs) / 5)  # the rejected rates' 0.5 losses would show here
     assert moe["high"] < 0 and moe["verdict"] == "better" and moe["outcome"] == "confirmed"
     assert moe["seeds"] == [0, 1, 2, 3, 4]

@@ -89,3 +89,26 @@ def test_a_rerun_trains_nothing_and_gives_the_same_numbers(smoke, capsys):
     assert again["timing"]["trained"] == 0 and again["timing"]["skipped"] == 4 * 3
     assert again["families"] == report["families"]
     assert again["training_free"] == report["training_free"] and again["sae"] == report["sae"]
+
+
+def test_report_only_trains_nothing_and_names_what_is_missing(smoke, tmp_path):
+    out, report = smoke
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    # keep every run of dense and moe, drop one of local's seeds and every non-training record
+    kept = {k: v for k, v in runs.items() if "spec" in v and not (
+        json.loads(k)["model"] == "lm-local-tiny" and json.loads(k)["seed"] == 1)}
+    (partial / "runs.json").write_text(json.dumps({"runs": kept}))
+    before = (partial / "runs.json").read_text()
+    assert zoo_main(["frontier", *SMOKE, "--out", str(partial), "--report-only"]) == 0
+    assert (partial / "runs.json").read_text() == before  # nothing was run or recorded
+    again = json.loads((partial / "frontier.json").read_text())
+    assert again["timing"]["trained"] == 0
+    assert [r["family"] for r in again["families"]] == ["dense", "moe", "moe-topp"]
+    by_family = {r["family"]: r for r in report["families"]}
+    for r in again["families"]:  # the same numbers as the complete report
+        assert r == by_family[r["family"]]
+    assert again["training_free"] == [] and again["sae"] == {}
+    assert any("local" in m for m in again["missing"]) and "the SAE frontier" in again["missing"]
+    assert "Not in the ledger yet" in (partial / "frontier.md").read_text()

@@ -164,6 +164,17 @@ class Ledger:
 # ---- one run under the protocol ----------------------------------------------------------------------------
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def portable_path(path: str) -> str:
+    """`path` as "<zoo>/relative/path" when it lies inside this checkout (the bundled corpora), else unchanged."""
+    try:
+        return "<zoo>/" + Path(path).resolve().relative_to(CHECKOUT).as_posix()
+    except (ValueError, OSError):
+        return str(path)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that makes a run: two specs with the same key are the same run."""
@@ -180,7 +191,12 @@ class RunSpec:
     eval_blocks: int = 0  # held-out blocks per split, spread evenly (0: every one)
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        """The ledger key: every field, with data files inside this checkout named relative to it ("<zoo>/train/
+        corpus/mixed.jsonl.gz"), so that a ledger resumes from another clone of the project."""
+        fields = asdict(self)
+        if fields["data"]:
+            fields["data"] = [portable_path(d) for d in fields["data"]]
+        return json.dumps(fields, sort_keys=True, default=str)
 
     def name(self) -> str:
         return f"{self.model}-lr{self.lr:g}-seed{self.seed}"

@@ -147,3 +147,14 @@ def test_compare_pairs_each_model_with_the_baseline_by_seed(tmp_path):
     d = [-0.1, -0.09, -0.08]
     assert c["seeds"] == [0, 1, 2] and c["mean"] == pytest.approx(sum(d) / 3)
     assert c["verdict"] == "better" and c["high"] < 0
+
+
+def test_a_ledger_key_names_bundled_data_relative_to_the_checkout(tmp_path):
+    from train.frontier import MIXED_CORPUS
+
+    here = P.RunSpec(model="m", lr=1e-3, seed=0, steps=5, batch_size=2, seq_len=8, data=(str(MIXED_CORPUS),))
+    assert "<zoo>/train/corpus/mixed.jsonl.gz" in here.key() and str(MIXED_CORPUS.parent) not in here.key()
+    outside = tmp_path / "corpus.txt"
+    other = P.RunSpec(model="m", lr=1e-3, seed=0, steps=5, batch_size=2, seq_len=8, data=(str(outside),))
+    assert str(outside) in other.key()  # data outside the checkout keeps its path
+    assert here.key() != other.key()

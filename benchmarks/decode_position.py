@@ -1,6 +1,10 @@
 """Does decoding take time independent of position? (issue 18 item 5) ms per generated token of each attention kind
 of the tiny catalog LMs with the KV cache, at early and late positions, one run.
 
+The cache is the one the model builds (each attention kind's decoding state, layers/attention/decoding.py: a
+window of keys for local, a running feature sum for performer, every key for dense / lsh / scatterbrain); the
+table also gives what that cache holds per layer after the last step at the latest position.
+
 For each of lm-dense-tiny and lm-{local,lsh,performer,scatterbrain}-tiny (fresh seeded weights, max_seq_len raised
 to fit), batch --batch: prefill `p` tokens, then time --tokens greedy decoding steps with the model's cache
 (`model(ids, past_key_values=cache, use_cache=True)`), for each p in --positions; kinds alternate within each
@@ -25,8 +29,17 @@ from zoo import load
 KINDS = ["dense", "local", "lsh", "performer", "scatterbrain"]
 
 
-def decode_ms(model, prompt: torch.Tensor, tokens: int) -> float:
-    """CPU ms per decoding step after a prefill of `prompt` (batch, p)."""
+def held(cache) -> str:
+    """What the cache's first layer holds: its keys, or a state's tensor shape."""
+    layer = cache.layers[0]
+    if getattr(layer, "keys", None) is not None:
+        return f"{layer.keys.shape[-2]} keys ({type(layer).__name__})"
+    state = getattr(layer, "sum", None)
+    return f"sum {'x'.join(map(str, state.shape[1:]))} ({type(layer).__name__})" if state is not None else "?"
+
+
+def decode_ms(model, prompt: torch.Tensor, tokens: int) -> tuple[float, str]:
+    """CPU ms per decoding step after a prefill of `prompt` (batch, p), and what the cache then holds."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -34,7 +47,7 @@ def decode_ms(model, prompt: torch.Tensor, tokens: int) -> float:
         for _ in range(tokens):
             out = model(nxt, past_key_values=cache, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return (time.process_time() - start) / tokens * 1e3
+        return (time.process_time() - start) / tokens * 1e3, held(cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,20 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = {pos: torch.randint(0, 256, (args.batch, pos), generator=g) for pos in args.positions}
     ms = {kind: {pos: [] for pos in args.positions} for kind in KINDS}
+    holds = {kind: {} for kind in KINDS}
     for r in range(args.rounds):
         for kind in KINDS[r % len(KINDS):] + KINDS[: r % len(KINDS)]:
             for pos in args.positions:
-                ms[kind][pos].append(decode_ms(models[kind], prompts[pos], args.tokens))
+                t, holds[kind][pos] = decode_ms(models[kind], prompts[pos], args.tokens)
+                ms[kind][pos].append(t)
     early, late = min(args.positions), max(args.positions)
-    print("| kind | " + " | ".join(f"ms/token at {pos}" for pos in args.positions) + f" | {late} / {early} |")
-    print("|---|" + "---:|" * (len(args.positions) + 1))
+    print("| kind | " + " | ".join(f"ms/token at {pos}" for pos in args.positions) + f" | {late} / {early} | "
+          f"cache per layer after {late} + {args.tokens} |")
+    print("|---|" + "---:|" * (len(args.positions) + 1) + "---|")
     for kind in KINDS:
         med = {pos: statistics.median(v) for pos, v in ms[kind].items()}
         print(f"| {kind} | " + " | ".join(f"{med[pos]:.2f}" for pos in args.positions) +
-              f" | {med[late] / med[early]:.2f}x |")
+              f" | {med[late] / med[early]:.2f}x | {holds[kind][late]} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": " ".join(["python", *sys.argv]), "args": vars(args), "ms_per_token": ms}, f, indent=2)
+            json.dump({"command": " ".join(["python", *sys.argv]), "args": vars(args), "ms_per_token": ms,
+                       "cache_holds": holds}, f, indent=2)
     return 0
 
 

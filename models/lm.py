@@ -28,6 +28,7 @@ from transformers.utils import can_return_tuple
 
 from layers import attention, linear, mlp, norm
 from layers.attention import SelfAttention
+from layers.attention.decoding import install_states
 from layers.attention.mla import LatentSelfAttention
 from layers.attention.random_projection import RandomProjection
 from layers.attention.self_attention import BIASES, QK_NORMS
@@ -434,6 +435,8 @@ class ZooLMModel(ZooLMPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=c)
         past = int(cache.get_seq_length()) if cache is not None else 0  # a static cache's is a live tensor
+        if cache is not None and past == 0:  # a fresh cache: each attention kind's own decoding state, if it has one
+            install_states(cache, [block.attn for block in self.blocks])
         if past + s > c.max_seq_len:
             raise ValueError(f"sequence length {past + s} exceeds the model's max_seq_len={c.max_seq_len}")
         if position_ids is None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
+from layers.attention.decoding import FeatureSumState
 from layers.attention.random_projection import RandomProjection
 
 # Causal prefill without autograd runs this many positions at a time (a running state between groups).
@@ -129,19 +130,62 @@ class PerformerAttention(nn.Module):
         """Causal prefill without autograd, INFERENCE_GROUP_ROWS positions at a time with a running (m, e) state:
         the same sums as the one-pass form, but only one group's features and chunk states are alive
         (peak memory: the output plus one group's scratch, issue 18)."""
-        n, group = q.shape[-2], max(self.chunk, INFERENCE_GROUP_ROWS // self.chunk * self.chunk)
-        out = q.new_empty(q.shape)
-        state = None
+        return self._causal_from(q, k, v, None, None)[0]
+
+    def _causal_from(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None,
+                     key_padding_mask: torch.Tensor | None, keep_features: bool = False):
+        """Causal attention of q over `state` (the past's sum of phi(k) [v, 1]^T, or None) and the keys k, v of q's
+        own positions (as many heads as q), a group of rows at a time without autograd (one group with it).
+
+        Returns (output, the sum after these keys, (phi(k) with padding keys zeroed, [v, 1]) in float32 if
+        keep_features else None).
+        """
+        n = q.shape[-2]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, self.features.weight))
+        group = n if grad else max(self.chunk, INFERENCE_GROUP_ROWS // self.chunk * self.chunk)
+        outs, kept = [], []
+        out = None if n <= group else q.new_empty(q.shape)  # a long prefill is written in place
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, n, group):
                 rows = slice(start, min(start + group, n))
                 phi_q, _ = favor_features(q[:, :, rows], self.features.weight, is_query=True)
                 phi_k, _ = favor_features(k[:, :, rows], self.features.weight, is_query=False)
+                if key_padding_mask is not None:
+                    phi_k = phi_k * key_padding_mask[:, None, rows, None]
                 v1 = with_ones(v[:, :, rows].float())
-                out[:, :, rows] = normalise(linear_attention(phi_q, phi_k, v1, True, self.chunk, state)).to(q.dtype)
+                piece = normalise(linear_attention(phi_q, phi_k, v1, True, self.chunk, state)).to(q.dtype)
+                if out is None:
+                    outs.append(piece)
+                else:
+                    out[:, :, rows] = piece
+                if keep_features:
+                    kept.append((phi_k, v1))
                 step = phi_k.transpose(-1, -2) @ v1  # (b, h, m, e): this group's keys, for the later groups
-                state = step if state is None else state.add_(step)
-        return out
+                state = step if state is None else state + step
+        out = out if out is not None else outs[0]
+        features = (torch.cat([p for p, _ in kept], 2), torch.cat([x for _, x in kept], 2)) if keep_features else None
+        return out, state, features
+
+    # ---- decoding: a running sum instead of the keys (layers/attention/decoding.py) ----------------------------
+    def decode_state(self) -> FeatureSumState:
+        """Performer decodes from the running sum of phi(k) [v, 1]^T: O(n_features x head_dim) per token, whatever
+        the position (the prefill builds it)."""
+        return FeatureSumState()
+
+    def attend_with_state(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None,
+                          key_padding_mask: torch.Tensor | None = None, keep_features: bool = False):
+        """Causal attention of q over the past summed in `state` ((b, heads, m, head_dim + 1) float32, None: no past)
+        and the new keys k, v of q's own positions; key_padding_mask (b, q_len) covers the new keys.
+
+        Returns (output, the sum after the new keys, their (phi(k), [v, 1]) if keep_features else None). The same sums
+        as forward() over the whole sequence: no key statistic couples positions.
+        """
+        check_qkv(q, k, v)
+        if k.shape[-2] != q.shape[-2]:
+            raise ValueError(f"attend_with_state takes the keys of the queries' own positions: q_len={q.shape[-2]}, "
+                             f"k_len={k.shape[-2]}")
+        k, v = repeat_kv_heads(q, k, v)
+        return self._causal_from(q, k, v, state, key_padding_mask, keep_features)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs per query token and head."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from layers.attention import KINDS
+from layers.attention.decoding import DecodingState
 from layers.linear import make_linear
 from layers.norm import RMSNorm
 from layers.rotary import apply_rotary
@@ -17,6 +18,12 @@ QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: per head (Qwen3) or o
 def kinds_with_weights() -> list[str]:
     """The attention kinds that can return the attention weights they use."""
     return sorted(name for name, kind in KINDS.items() if "return_weights" in getattr(kind, "OPTIONS_AT_CALL", ()))
+
+
+def _layer_of(cache, layer_idx: int):
+    """The cache's layer `layer_idx` (None without a cache, or before a lazily grown cache has it)."""
+    layers = getattr(cache, "layers", None)
+    return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
 
 
 class SelfAttention(nn.Module):
@@ -84,6 +91,10 @@ class SelfAttention(nn.Module):
         """
         b, s, _ = x.shape
         q, k, v = self.project(x, cos, sin)  # (batch, heads, seq, head_dim)
+        state = _layer_of(cache, self.layer_idx)
+        if isinstance(state, DecodingState):  # the kind's own decoding state (layers/attention/decoding.py)
+            return self._finish(self._attend_with_state(state, q, k, v, key_padding_mask, kv_length, implementation,
+                                                        return_weights), b, s, return_weights)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # keys/values of every position so far
             if kv_length is not None and k.shape[2] != kv_length:
@@ -91,7 +102,14 @@ class SelfAttention(nn.Module):
                     raise ValueError(f"the cache returned {k.shape[2]} keys but {kv_length} exist: caches that drop "
                                      f"keys (sliding-window caches) are not supported; use the dynamic or static cache")
                 k, v = k[:, :, :kv_length], v[:, :, :kv_length]  # a static cache: the written part only
-        kw = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+        kw = self._call_options(implementation, return_weights)
+        if key_padding_mask is not None:
+            kw["key_padding_mask"] = key_padding_mask
+        return self._finish(self.kernel(q, k, v, causal=True, **kw), b, s, return_weights)
+
+    def _call_options(self, implementation: str, return_weights: bool) -> dict:
+        """The optional keywords of the kind's call (only those it takes; return_weights refused by kinds without)."""
+        kw = {}
         at_call = getattr(self.kernel, "OPTIONS_AT_CALL", ())
         if implementation != "sdpa" and "implementation" in at_call:
             kw["implementation"] = implementation
@@ -100,7 +118,17 @@ class SelfAttention(nn.Module):
                 raise ValueError(f"attention kind {self.kind!r} never forms attention weights (output_attentions "
                                  f"is supported by: {kinds_with_weights()})")
             kw["return_weights"] = True
-        out = self.kernel(q, k, v, causal=True, **kw)
+        return kw
+
+    def _attend_with_state(self, state, q, k, v, key_padding_mask, kv_length, implementation, return_weights):
+        """The kind attends through its decoding state, which then holds this step's keys too."""
+        if kv_length is None:
+            kv_length = state.get_seq_length() + q.shape[-2]
+        return state.attend(self.kernel, q, k, v, key_padding_mask, kv_length,
+                            **self._call_options(implementation, return_weights))
+
+    def _finish(self, out, b: int, s: int, return_weights: bool):
+        """The output projection of the kind's (b, heads, s, head_dim) output (and the weights, if asked for)."""
         out, weights = out if return_weights else (out, None)
         out = out[..., : self.v_head_dim]  # (a narrower value head is zero-padded to head_dim: see project)
         out = self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_head_dim))

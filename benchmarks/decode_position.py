@@ -7,7 +7,7 @@ table also gives what that cache holds per layer after the last step at the late
 
 For each of lm-dense-tiny and lm-{local,lsh,performer,scatterbrain}-tiny (fresh seeded weights, max_seq_len raised
 to fit), batch --batch: prefill `p` tokens, then time --tokens greedy decoding steps with the model's cache
-(`model(ids, past_key_values=cache, use_cache=True)`), for each p in --positions; kinds alternate within each
+(`model(ids, cache=cache, use_cache=True)`), for each p in --positions; kinds alternate within each
 of --rounds rounds. Reported: median ms/token per position and the ratio late / early (1.0 = independent of
 position). One torch thread, CPU time of this process.
 
@@ -21,10 +21,15 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from zoo import load
+import torch  # noqa: E402
+
+from zoo import load  # noqa: E402
 
 KINDS = ["dense", "local", "lsh", "performer", "scatterbrain"]
 
@@ -42,11 +47,11 @@ def decode_ms(model, prompt: torch.Tensor, tokens: int) -> tuple[float, str]:
     """CPU ms per decoding step after a prefill of `prompt` (batch, p), and what the cache then holds."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         start = time.process_time()
         for _ in range(tokens):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(nxt, cache=cache, use_cache=True)
+            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         return (time.process_time() - start) / tokens * 1e3, held(cache)
 
 

@@ -1,13 +1,14 @@
 """Generation tokens/s of the tiny catalog LMs against transformers with the same weights (issue 18 item 5), one run.
 
-For lm-dense-tiny, moe-fine-tiny and lm-{local,lsh,performer,scatterbrain}-tiny (fresh seeded weights): new
-tokens/s of one greedy `model.generate(prompt, max_new_tokens=N, do_sample=False, use_cache=True)` call at
-batch 1 and 8 (the call `zoo generate` makes), wall time including the prompt's forward, with the cache each
-model builds itself (the zoo: each attention kind's decoding state, layers/attention/decoding.py; transformers:
-its DynamicCache, a sliding-window one for Mistral). The peer is `zoo.interop.to_transformers(model)`, the
-transformers class with the very same weights wherever the kinds map (dense -> Llama, moe-fine-tiny's experts
--> its class, local -> Mistral's sliding window); kinds with no transformers equivalent (lsh, performer,
-scatterbrain) are timed alone. Before timing, the two sides' greedy ids are compared.
+For lm-dense-tiny, moe-fine-tiny (also without its shared expert, which makes it a Mixtral) and
+lm-{local,lsh,performer,scatterbrain}-tiny (fresh seeded weights): new tokens/s of one greedy
+`model.generate(prompt, max_new_tokens=N, do_sample=False, use_cache=True)` call at batch 1 and 8 (the call
+`zoo generate` makes), wall time including the prompt's forward, with the cache each model builds itself (the
+zoo: each attention kind's decoding state, layers/attention/decoding.py; transformers: its DynamicCache, a
+sliding-window one for Mistral). The peer is `zoo.interop.to_transformers(model)`, the transformers class with
+the very same weights wherever the kinds map (dense -> Llama, routed experts only -> Mixtral, local ->
+Mistral's sliding window); models with no transformers equivalent (a shared expert, lsh, performer,
+scatterbrain) are timed alone. The two sides' greedy ids are compared in every round.
 
 Interleaved rounds: in each round every (model, batch) times the zoo and its peer back to back, the order
 alternating between rounds; reported: median tokens/s per side and the median (min, max) of the per-round
@@ -43,18 +44,33 @@ from train_overhead import ForeignLoad, machine  # noqa: E402
 import zoo  # noqa: E402
 from zoo.interop import to_transformers  # noqa: E402
 
-MODELS = ["lm-dense-tiny", "moe-fine-tiny", "lm-local-tiny", "lm-lsh-tiny", "lm-performer-tiny",
-          "lm-scatterbrain-tiny"]
+# moe-fine-tiny's shared expert has no transformers class with its softmax router (Mixtral has no shared expert,
+# Qwen2-MoE gates it, DeepSeek-V2 does not renormalise): without it, its 64 fine-grained experts are Mixtral's.
+MODELS = ["lm-dense-tiny", "moe-fine-tiny", "moe-fine-tiny:n_shared_experts=0", "lm-local-tiny", "lm-lsh-tiny",
+          "lm-performer-tiny", "lm-scatterbrain-tiny"]
+
+
+def load(spec: str):
+    """zoo.load of "name" or "name:field=value,field=value" (config overrides, values read as JSON if they parse)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return zoo.load(name, **overrides)
 
 
 def build(name: str, seed: int):
     """(zoo model, its transformers twin or None, why there is none)."""
     torch.manual_seed(seed)
-    ours = zoo.load(name).eval()
+    ours = load(name).eval()
     try:
         theirs = to_transformers(ours).eval()
     except ValueError as err:
-        return ours, None, str(err).split("\n")[0][:160]
+        return ours, None, " ".join(str(err).split())[:300]
     return ours, theirs, None
 
 

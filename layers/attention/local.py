@@ -1,9 +1,17 @@
-"""Sliding-window (local) attention, Longformer style: each query sees the keys within `window` positions.
+"""Sliding-window (local) attention, Longformer style: each query sees `window` keys around it.
 
-Causal: query p sees keys p - window < j <= p. Non-causal: |p - j| < window. The PyTorch path is
-blockwise: queries go in blocks of `block`, and each block reads the `block + window - 1` keys
-(`+ window - 1` more when non-causal) it can reach, so time and memory are O(n * window) and no
-n x n tensor exists. flash-attn's `window_size` runs instead where it can.
+`window` is the number of keys per query, causal or not (issue 17: one budget, one meaning):
+- causal: query p sees keys p - window < j <= p (fewer near the start, where there are fewer);
+- non-causal: query p sees the `window` keys j with s(p) <= j < s(p) + window, s(p) = p - window // 2
+  clamped into [0, k_len - window]: window // 2 keys before it and (window - 1) // 2 after it, the
+  window shifted to stay inside the sequence near either end, so every query sees min(window, k_len)
+  keys (and a window as long as the sequence is dense attention).
+
+The PyTorch path is blockwise: queries go in blocks of `block`, and each block reads the
+`block + window - 1` consecutive keys its queries can reach (moved inside the sequence at the
+ends), so time and memory are O(n * window) and no n x n tensor exists. flash-attn's `window_size`
+runs instead where it can (non-causal: its band, with the shifted windows of the edge queries
+recomputed).
 """
 
 from __future__ import annotations
@@ -17,6 +25,19 @@ from torch import nn
 
 from layers import kernels
 from layers.attention.common import check_qkv, repeat_kv_heads
+
+
+def window_sides(window: int, causal: bool) -> tuple[int, int]:
+    """(keys before, keys after) the query in its window away from the ends: they sum to window - 1."""
+    return (window - 1, 0) if causal else (window // 2, (window - 1) // 2)
+
+
+def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, causal: bool, k_len: int) -> torch.Tensor:
+    """Whether key position k_pos is in the window of query position q_pos (broadcast; keys in [0, k_len))."""
+    if causal:
+        return (k_pos <= q_pos) & (k_pos > q_pos - window)
+    first = (q_pos - window // 2).clamp(0, max(k_len - window, 0))  # s(p): the window shifted inside [0, k_len)
+    return (k_pos >= first) & (k_pos < first + window)
 
 
 @dataclass(frozen=True)
@@ -35,11 +56,11 @@ class WindowLayout:
 
     @property
     def left(self) -> int:
-        return self.window - 1
+        return window_sides(self.window, self.causal)[0]
 
     @property
     def right(self) -> int:
-        return 0 if self.causal else self.window - 1
+        return window_sides(self.window, self.causal)[1]
 
     @property
     def n_blocks(self) -> int:
@@ -47,7 +68,21 @@ class WindowLayout:
 
     @property
     def span(self) -> int:
-        return self.block + self.left + self.right
+        return min(self.block + self.window - 1, self.k_len)
+
+    def unclamped_start(self, i: int) -> int:
+        """The first key a block would read without the ends: its first query's position - left."""
+        return self.offset + i * self.block - self.left
+
+    def key_starts(self, device: torch.device) -> torch.Tensor:
+        """(n_blocks,): the first key position each block reads, inside [0, k_len - span].
+
+        Every window of the block's queries lies in [start, start + span): away from the ends because the
+        block's windows run from its first query's - left to its last query's + right; at an end because
+        the windows there are shifted inside too (non-causal) or cut (causal).
+        """
+        starts = self.offset + torch.arange(self.n_blocks, device=device) * self.block - self.left
+        return starts.clamp(0, self.k_len - self.span)
 
 
 def window_layout(q_len: int, k_len: int, window: int, causal: bool, block: int | None = None) -> WindowLayout:
@@ -64,44 +99,38 @@ def query_windows(x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
 
 
 def key_windows(x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """Keys (b, h, k_len, D) -> (b, h, n_blocks, span, D): the keys each query block can reach."""
-    lo = layout.left
-    hi = layout.offset + layout.n_blocks * layout.block + layout.right - layout.k_len
-    x = F.pad(x, (0, 0, lo, hi))  # padded row t holds key position t - left
-    # block i starts at padded row offset + i * block; unfold puts the window last. The copy is
-    # O(n * span / block) rows, and matmuls on the overlapping view would take a slow strided path.
-    return x[:, :, layout.offset :].unfold(2, layout.span, layout.block).transpose(-1, -2).contiguous()
+    """Keys (b, h, k_len, D) -> (b, h, n_blocks, span, D): the keys each query block reads (a copy, O(n * span))."""
+    rows = layout.key_starts(x.device)[:, None] + torch.arange(layout.span, device=x.device)  # (n_blocks, span)
+    return x[:, :, rows]
 
 
-def band_mask(layout: WindowLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """((block, span) bool: the window of each query within its block's keys, (block, span) position differences).
-
-    The same in every block; blocks whose keys run past either end of the sequence also need `window_mask`.
-    """
+def band_mask(layout: WindowLayout, device: torch.device) -> torch.Tensor:
+    """(block, span) bool: the window of each query within its block's keys, for blocks away from the ends
+    (`interior_blocks`), where key c of the block is at position - left + c of its first query."""
     a = torch.arange(layout.block, device=device)[:, None]
     c = torch.arange(layout.span, device=device)[None, :]
-    diff = a - c + layout.left  # query position - key position, the same in every block
-    return (diff <= layout.left) & (diff >= -layout.right), diff
+    diff = a - c + layout.left  # query position - key position, the same in every interior block
+    return (diff <= layout.left) & (diff >= -layout.right)
 
 
 def window_mask(layout: WindowLayout, key_padding_mask: torch.Tensor | None, device: torch.device,
                 blocks: tuple[int, int] | None = None) -> torch.Tensor:
-    """(1 or b, 1, n_blocks, block, span) bool: True where a query may attend to a key of its window.
+    """(1 or b, 1, n_blocks, block, span) bool: True where a query may attend to a key of its block's keys.
 
     blocks=(i, j): only the rows of blocks i..j-1 (no key padding mask), without building the others.
     """
-    allowed, diff = band_mask(layout, device)
-    c = torch.arange(layout.span, device=device)[None, :]
     first, last = blocks or (0, layout.n_blocks)
-    starts = layout.offset + torch.arange(first, last, device=device)[:, None] * layout.block
-    key_pos = starts - layout.left + c  # (n_blocks, span)
-    allowed = allowed & ((key_pos >= 0) & (key_pos < layout.k_len))[:, None, :]  # (n_blocks, block, span)
-    allowed = allowed[None, None]
+    a = torch.arange(layout.block, device=device)
+    c = torch.arange(layout.span, device=device)
+    q_pos = layout.offset + torch.arange(first, last, device=device)[:, None] * layout.block + a  # (blocks, block)
+    q_pos = q_pos.clamp_max(layout.k_len - 1)[:, :, None]  # padding slots copy the last query (never read)
+    k_pos = (layout.key_starts(device)[first:last, None] + c)[:, None, :]  # (blocks, 1, span)
+    allowed = in_window(q_pos, k_pos, layout.window, layout.causal, layout.k_len)[None, None]
     if key_padding_mask is not None:
         real = key_windows(key_padding_mask[:, None, :, None].float(), layout)[..., 0] > 0  # (b, 1, n_blocks, span)
         allowed = allowed & real[:, :, :, None, :]
     # Every query may see its own position, so no row is empty (padding queries included; never read).
-    return allowed | (diff == 0)
+    return allowed | (k_pos == q_pos)
 
 
 def local_attention(
@@ -145,10 +174,11 @@ def local_attention_reference(q, k, v, window: int, causal: bool = True,
     return out.flatten(2, 3)[:, :, : q.shape[-2]]
 
 
-def _edge_blocks(layout: WindowLayout) -> tuple[int, int]:
-    """[first, last) blocks whose whole key window lies inside [0, k_len): they all share one mask."""
-    starts = [layout.offset + i * layout.block - layout.left for i in range(layout.n_blocks)]
-    inside = [i for i, s in enumerate(starts) if s >= 0 and s + layout.span <= layout.k_len]
+def interior_blocks(layout: WindowLayout) -> tuple[int, int]:
+    """[first, last) blocks whose full key window lies inside [0, k_len) unmoved: they all share `band_mask`."""
+    full = layout.block + layout.window - 1
+    inside = [i for i in range(layout.n_blocks)
+              if layout.unclamped_start(i) >= 0 and layout.unclamped_start(i) + full <= layout.k_len]
     return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
 
@@ -169,7 +199,7 @@ def local_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     k, v = repeat_kv_heads(q, k, v)
     b, h, q_len, d = q.shape
     layout = window_layout(q_len, k.shape[-2], window, causal, block)
-    lo, hi = _edge_blocks(layout)
+    lo, hi = interior_blocks(layout)
     group = max(1, SDPA_GROUP_ROWS // layout.block)
     keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out = None if keep_graph else q.new_empty(b, h, q_len, d)
@@ -183,9 +213,9 @@ def local_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
         if r1 - r0 < (j - i) * layout.block:  # the last block is short
             qg = F.pad(qg, (0, 0, 0, (j - i) * layout.block - (r1 - r0)))
         qg = qg.reshape(b * h, j - i, layout.block, d)
-        kb, vb = (_key_windows_of(x, layout, i, j).flatten(0, 1) for x in (k, v))  # (b*h, j - i, span, d)
+        kb, vb = (_key_windows_of(x, layout, i, j, interior).flatten(0, 1) for x in (k, v))  # (b*h, j - i, span, d)
         if interior:
-            mask = band_mask(layout, q.device)[0]  # (block, span)
+            mask = band_mask(layout, q.device)  # (block, span)
         else:
             mask = window_mask(layout, None, q.device, blocks=(i, j))[0]  # (1, j - i, block, span)
         piece = F.scaled_dot_product_attention(qg, kb, vb, attn_mask=mask).view(b, h, -1, d)[:, :, : r1 - r0]
@@ -199,15 +229,18 @@ def local_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     return torch.cat(pieces, 2) if len(pieces) > 1 else pieces[0]
 
 
-def _key_windows_of(x: torch.Tensor, layout: WindowLayout, i: int, j: int) -> torch.Tensor:
-    """key_windows(x, layout)[:, :, i:j] without copying the windows of the other blocks."""
-    first = layout.offset + i * layout.block - layout.left  # key position of row 0 of block i's window
-    last = layout.offset + (j - 1) * layout.block - layout.left + layout.span  # one past block j-1's last
-    pad_lo, pad_hi = max(0, -first), max(0, last - layout.k_len)
-    part = x[:, :, max(0, first):min(last, layout.k_len)]
-    if pad_lo or pad_hi:
-        part = F.pad(part, (0, 0, pad_lo, pad_hi))
-    return part.unfold(2, layout.span, layout.block).transpose(-1, -2)  # overlapping view: SDPA reads strides
+def _key_windows_of(x: torch.Tensor, layout: WindowLayout, i: int, j: int, interior: bool) -> torch.Tensor:
+    """key_windows(x, layout)[:, :, i:j] without copying the windows of the other blocks.
+
+    Interior blocks start `block` keys apart: an overlapping view (SDPA reads strides); the few blocks at
+    the ends (moved inside the sequence) are gathered.
+    """
+    if not interior:
+        rows = layout.key_starts(x.device)[i:j, None] + torch.arange(layout.span, device=x.device)
+        return x[:, :, rows]
+    first = layout.unclamped_start(i)
+    part = x[:, :, first : first + (j - 1 - i) * layout.block + layout.span]
+    return part.unfold(2, layout.span, layout.block).transpose(-1, -2)
 
 
 def local_flops_per_token(head_dim: int, seq_len: int, window: int, causal: bool) -> float:
@@ -226,10 +259,8 @@ def local_attention_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
     check_qkv(q, k, v)
     k, v = repeat_kv_heads(q, k, v)
     q_len, k_len = q.shape[-2], k.shape[-2]
-    diff = (torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)) - torch.arange(k_len, device=q.device)
-    allowed = (diff < window) & (diff > -window)  # (q_len, k_len): query position - key position
-    if causal:
-        allowed = allowed & (diff >= 0)
+    q_pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+    allowed = in_window(q_pos, torch.arange(k_len, device=q.device)[None, :], window, causal, k_len)  # (q_len, k_len)
     padding = attention_mask(q_len, k_len, False, key_padding_mask, q.device)
     allowed = allowed if padding is None else allowed & padding
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -237,8 +268,25 @@ def local_attention_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
     return weights @ v, weights
 
 
+def shift_edge_windows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       window: int) -> torch.Tensor:
+    """Non-causal `out` of a plain band (window // 2 keys before, (window - 1) // 2 after) with the queries
+    near either end recomputed over their shifted windows: the first or the last min(window, k_len) keys."""
+    k, v = repeat_kv_heads(q, k, v)
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    left, right = window_sides(window, causal=False)
+    pos = torch.arange(k_len - q_len, k_len)
+    out = out.clone()
+    for rows, keys in ((pos < left, slice(0, window)), (pos > k_len - 1 - right, slice(max(k_len - window, 0), k_len))):
+        rows = rows.nonzero().flatten().tolist()
+        if rows:
+            r0, r1 = rows[0], rows[-1] + 1  # a contiguous run of queries at one end
+            out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, keys], v[:, :, keys])
+    return out
+
+
 class LocalAttention(nn.Module):
-    """Sliding-window attention of width `window` (flash-attn's window_size where it can run)."""
+    """Sliding-window attention, `window` keys per query (flash-attn's window_size where it can run)."""
 
     OPTIONS_AT_CALL = ("return_weights",)  # keywords a caller may add: see DenseAttention
 
@@ -266,10 +314,9 @@ class LocalAttention(nn.Module):
         if key_padding_mask is None and kernels.can_use_flash_attn(q):
             from flash_attn import flash_attn_func
 
-            w = self.window - 1
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                                  window_size=(w, 0 if causal else w))
-            return out.transpose(1, 2)
+                                  window_size=window_sides(self.window, causal)).transpose(1, 2)
+            return out if causal else shift_edge_windows(out, q, k, v, self.window)
         return local_attention(q, k, v, self.window, causal, key_padding_mask)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:

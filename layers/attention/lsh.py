@@ -13,6 +13,22 @@ Computation: the queries, sorted by (bucket, position), go in blocks of `chunk`;
 contiguous, monotone ranges of the sorted keys, so each block needs a few key tiles of `chunk`
 sorted keys. Every (query block, key tile) pair is one dense chunk x chunk product; the pairs'
 partial softmax sums are merged per query (one shared max), as in flash attention.
+
+hashing="smyrf" (SMYRF, Daras et al. 2020) hashes for inner products instead of angles, in
+`n_hashes` rounds:
+- asymmetric transform (XBOX / simple LSH): keys -> [k, sqrt(M^2 - |k|^2)] / M, queries ->
+  [q / |q|, 0], so that for each query the cosine of the transformed pair orders its keys by q.k
+  (angular LSH alone misses large-norm keys at moderate angles). M is the largest key norm: of all
+  keys, or (causal) of the keys up to each key, so a key's hash never depends on later tokens;
+- balanced clusters (non-causal): keys sorted by a random projection of their transform; each query
+  takes the `chunk` keys nearest to its own projection in that order, so every query gets exactly
+  min(chunk, k_len) keys. SMYRF cuts the sorted queries and the sorted keys into aligned clusters;
+  taking them around the query's own value keeps its keys independent of the other queries (and
+  gave a higher recall of the largest keys here). Causal attention cannot sort by future keys, so
+  causal rounds take the `chunk` most recent keys of the query's angular bucket of the transform;
+- several rounds: the union of the rounds' keys, each key counted once per query (a pair an earlier
+  round holds is masked out of the later ones).
+The default, hashing="angular" with n_hashes=1, is the original single-round angular LSH.
 """
 
 from __future__ import annotations
@@ -26,6 +42,8 @@ from torch import nn
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
 from layers.attention.random_projection import RandomProjection
 
+HASHINGS = ("angular", "smyrf")
+
 
 def hash_buckets(x: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:
     """Angular LSH bucket (b, h, n) of x (b, h, n, d): argmax of [xR, -xR]; every x in bucket 0 without R."""
@@ -33,6 +51,52 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tenso
         return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
     rotated = x.float() @ rotations.float().T  # (b, h, n, n_buckets / 2)
     return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+
+
+def asymmetric_transform(q: torch.Tensor, k: torch.Tensor, causal: bool,
+                         key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_t, k_t) on the unit sphere of dimension d + 1 with q_t . k_t = q.k / (|q| M_k): maximum inner
+    product search as nearest neighbours. M_k: the largest key norm (causal: up to key k; padding keys ignored)."""
+    q, k = q.float(), k.float()
+    norms = k.norm(dim=-1)  # (b, h, k_len)
+    if key_padding_mask is not None:
+        norms = norms * key_padding_mask[:, None, :]
+    top = norms.cummax(-1).values if causal else norms.amax(-1, keepdim=True)
+    top = top.clamp_min(1e-12)
+    extra = (1 - (norms / top) ** 2).clamp_min(0).sqrt()  # padding keys (norm set to 0): whatever, never read
+    k_t = torch.cat([k / top[..., None], extra[..., None]], dim=-1)
+    q_t = torch.cat([q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12), q.new_zeros(*q.shape[:-1], 1)], dim=-1)
+    return q_t, k_t
+
+
+def round_projection(projection: torch.Tensor | None, round_: int, n_hashes: int) -> torch.Tensor | None:
+    """The rows of the (n_hashes * rows, dim) projection that hash round `round_` uses."""
+    if projection is None:
+        return None
+    rows = projection.shape[0] // n_hashes
+    return projection[round_ * rows : (round_ + 1) * rows]
+
+
+def hash_rounds(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor | None, chunk: int, causal: bool,
+                key_padding_mask: torch.Tensor | None, hashing: str = "angular",
+                n_hashes: int = 1) -> list[BucketTiles]:
+    """The tiles of every hash round, each pair in one round only (the earliest that holds it)."""
+    if hashing == "smyrf":
+        q, k = asymmetric_transform(q, k, causal, key_padding_mask)
+    rounds = []
+    for r in range(n_hashes):
+        rows = round_projection(projection, r, n_hashes)
+        if hashing == "smyrf" and not causal:  # balanced: one real code per token, exactly `chunk` keys per query
+            direction = rows[0].float()
+            tiles = sorted_tiles(q @ direction, k @ direction, None, None, chunk, causal, key_padding_mask)
+        else:
+            if hashing == "smyrf":  # causal: angular buckets of the transform (the rows after the balanced one)
+                rows = rows[1:] if rows.shape[0] > 1 else None
+            tiles = bucket_tiles(hash_buckets(q, rows), hash_buckets(k, rows), chunk, causal, key_padding_mask)
+        for earlier in rounds:
+            tiles.allowed &= ~earlier.holds(tiles)
+        rounds.append(tiles)
+    return rounds
 
 
 @dataclass
@@ -51,6 +115,20 @@ class BucketTiles:
     k_rows: torch.Tensor  # (P, T): key rows of each pair's tile
     k_pos: torch.Tensor  # (P, T): their positions
     allowed: torch.Tensor  # (P, B, T): key in the query's chunk, same bucket, not its own position, real
+    # To ask whether a (query, key) pair is in this round's support (rounds count each pair once):
+    first_of: torch.Tensor  # (G * q_len,): the first sorted key slot of each query row's chunk
+    slot_of_key: torch.Tensor  # (G * k_len,): each key row's slot in the sorted keys
+    q_label: torch.Tensor  # (G * q_len,): each query row's bucket (0 for balanced rounds)
+    k_label: torch.Tensor  # (G * k_len,): each key row's bucket
+    chunk: int
+
+    def holds(self, other: BucketTiles) -> torch.Tensor:
+        """(P', B', T') bool: which pairs of `other`'s tiles (same queries and keys) this round's support holds."""
+        q_rows = other.q_rows[other.pair_block][:, :, None]  # (P', B', 1)
+        k_rows = other.k_rows[:, None, :]  # (P', 1, T')
+        first, slot = self.first_of[q_rows], self.slot_of_key[k_rows]
+        return ((slot >= first) & (slot < first + self.chunk) & (self.q_label[q_rows] == self.k_label[k_rows])
+                & (other.k_pos[:, None, :] != other.q_pos[other.pair_block][:, :, None]))
 
 
 @torch.no_grad()
@@ -61,21 +139,41 @@ def bucket_tiles(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, c
     A query at position p in bucket u takes the `chunk` keys of bucket u sorted just before (u, p)
     when causal, or around it (shifted to stay inside the bucket) otherwise.
     """
-    b, h, q_len = q_buckets.shape
     k_len = k_buckets.shape[-1]
     dev = k_buckets.device
+    q_code = q_buckets * k_len + torch.arange(k_len - q_buckets.shape[-1], k_len, device=dev)
+    k_code = k_buckets * k_len + torch.arange(k_len, device=dev)
+    return sorted_tiles(q_code, k_code, q_buckets, k_buckets, chunk, causal, key_padding_mask)
+
+
+@torch.no_grad()
+def sorted_tiles(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Tensor | None,
+                 k_buckets: torch.Tensor | None, chunk: int, causal: bool,
+                 key_padding_mask: torch.Tensor | None = None) -> BucketTiles:
+    """The tiles where keys and queries are sorted by a code (b, h, len) and a query's chunk is `chunk` keys
+    next to its own code: of its bucket (buckets given: code = bucket * k_len + position) or of all keys
+    (buckets None: a balanced round, non-causal, exactly min(chunk, k_len) keys per query)."""
+    b, h, q_len = q_code.shape
+    k_len = k_code.shape[-1]
+    dev = k_code.device
     groups = b * h
+    q_code, k_code = q_code.reshape(groups, q_len), k_code.reshape(groups, k_len)
+    if q_buckets is None:
+        q_buckets = torch.zeros(groups, q_len, dtype=torch.long, device=dev)
+        k_buckets = torch.zeros(groups, k_len, dtype=torch.long, device=dev)
     q_buckets, k_buckets = q_buckets.reshape(groups, q_len), k_buckets.reshape(groups, k_len)
 
-    # Keys sorted by (bucket, position); queries too. A query's chunk is [first, first + chunk) in key order.
-    key_code, key_order = (k_buckets * k_len + torch.arange(k_len, device=dev)).sort(-1)  # (G, k_len)
-    q_code, q_order = (q_buckets * k_len + torch.arange(k_len - q_len, k_len, device=dev)).sort(-1)  # (G, q_len)
+    # Keys sorted by code; queries too. A query's chunk is [first, first + chunk) in key order.
+    key_code, key_order = k_code.sort(-1)  # (G, k_len)
+    q_code, q_order = q_code.sort(-1)  # (G, q_len)
+    q_bucket_sorted = q_buckets.gather(1, q_order)
+    k_bucket_sorted = k_buckets.gather(1, key_order)
     insert = torch.searchsorted(key_code, q_code)  # keys sorted before the query
     if causal:
         first = insert - chunk
-    else:
-        lo = torch.searchsorted(key_code, q_code // k_len * k_len)  # its bucket's first key
-        hi = torch.searchsorted(key_code, (q_code // k_len + 1) * k_len)
+    else:  # around the query, shifted to stay inside its bucket's run of sorted keys
+        lo = torch.searchsorted(k_bucket_sorted, q_bucket_sorted)  # its bucket's first key
+        hi = torch.searchsorted(k_bucket_sorted, q_bucket_sorted, right=True)
         first = torch.maximum(torch.minimum(insert - chunk // 2, hi - chunk).clamp_min(0), lo)
 
     # Query blocks of B sorted queries; padding slots repeat the block's last real query.
@@ -88,7 +186,7 @@ def bucket_tiles(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, c
         return x.reshape(groups * n_blocks, block)  # (NB, B)
 
     q_local = blocks(q_order)  # query index within its group
-    slot_first, slot_code = blocks(first), blocks(q_code)
+    slot_first, slot_bucket = blocks(first), blocks(q_bucket_sorted)
     group_of_block = torch.arange(groups, device=dev).repeat_interleave(n_blocks)  # (NB,)
     q_rows = group_of_block[:, None] * q_len + q_local
     q_pos = q_local + (k_len - q_len)
@@ -108,11 +206,11 @@ def bucket_tiles(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, c
     k_slot = k_slot.clamp_max(k_len - 1)
     pair_group = group_of_block[pair_block][:, None]
     k_pos = key_order.flatten()[pair_group * k_len + k_slot]  # (P, T)
-    k_bucket = key_code.flatten()[pair_group * k_len + k_slot] // k_len
+    k_bucket = k_bucket_sorted.flatten()[pair_group * k_len + k_slot]
 
     pq_first = slot_first[pair_block][:, :, None]  # (P, B, 1)
     allowed = (inside[:, None, :] & (k_slot[:, None, :] >= pq_first) & (k_slot[:, None, :] < pq_first + chunk)
-               & (k_bucket[:, None, :] == (slot_code[pair_block] // k_len)[:, :, None])
+               & (k_bucket[:, None, :] == slot_bucket[pair_block][:, :, None])
                & (k_pos[:, None, :] != q_pos[pair_block][:, :, None]))
     real_slot = (torch.arange(n_blocks * block, device=dev) < q_len).view(n_blocks, block).repeat(groups, 1)
     allowed &= real_slot[pair_block][:, :, None]
@@ -124,15 +222,23 @@ def bucket_tiles(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, c
     slot_ids = torch.arange(groups * n_blocks * block, device=dev).view(-1, block)
     real_rows = q_rows[real_slot]
     slot_of[real_rows] = slot_ids[real_slot]
-    return BucketTiles(q_rows, q_pos, own_rows, slot_of, pair_block,
-                       pair_group * k_len + k_pos, k_pos, allowed)
+    row_offsets = torch.arange(groups, device=dev)[:, None]
+    first_of = torch.empty(groups * q_len, dtype=torch.long, device=dev)
+    first_of[(row_offsets * q_len + q_order).flatten()] = first.flatten()
+    slot_of_key = torch.empty(groups * k_len, dtype=torch.long, device=dev)
+    slot_of_key[(row_offsets * k_len + key_order).flatten()] = torch.arange(k_len, device=dev).repeat(groups)
+    return BucketTiles(q_rows, q_pos, own_rows, slot_of, pair_block, pair_group * k_len + k_pos, k_pos, allowed,
+                       first_of, slot_of_key, q_buckets.flatten(), k_buckets.flatten(), chunk)
 
 
-def merge_max(tiles: BucketTiles, own: torch.Tensor, pair_logits: torch.Tensor) -> torch.Tensor:
-    """(NB, B): the largest of each query's own logit (NB, B) and its pairs' logits (P, B, T)."""
+def round_max(tiles: BucketTiles, pair_logits: torch.Tensor) -> torch.Tensor:
+    """(rows,): the largest of each query row's pair logits (P, B, T) in this round (-inf where it has none)."""
     top = pair_logits.amax(-1)  # (P, B)
-    index = tiles.pair_block[:, None].expand_as(top)
-    return own.scatter_reduce(0, index, top, reduce="amax").detach()
+    slots = torch.full((tiles.q_rows.numel(),), float("-inf"), dtype=top.dtype, device=top.device)
+    slots = slots.scatter_reduce(0, (tiles.pair_block[:, None] * tiles.q_rows.shape[1]
+                                     + torch.arange(tiles.q_rows.shape[1], device=top.device)).flatten(),
+                                 top.flatten(), reduce="amax")
+    return slots[tiles.unsort]
 
 
 def lsh_attention(
@@ -144,44 +250,84 @@ def lsh_attention(
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
     return_weights: bool = False,
+    hashing: str = "angular",
+    n_hashes: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over each query's bucket chunk plus itself (queries are the last q_len positions).
+    """Softmax attention over each query's bucket chunks (one per hash round, each key once) plus itself.
 
+    The queries are the last q_len positions. rotations: the (n_hashes * rows, d or d + 1) projection.
     return_weights: also the weights it used, as a dense (b, h, q_len, k_len) matrix (zero off its support).
     """
     check_qkv(q, k, v)
     k, v = repeat_kv_heads(q, k, v)
     b, h, q_len, d = q.shape
-    tiles = bucket_tiles(hash_buckets(q, rotations), hash_buckets(k, rotations), chunk, causal, key_padding_mask)
+    k_len = k.shape[-2]
+    rounds = hash_rounds(q, k, rotations, chunk, causal, key_padding_mask, hashing, n_hashes)
     qf, kf, vf = q.reshape(-1, d), k.reshape(-1, d), with_ones(v).reshape(-1, d + 1)  # rows
     scale = 1 / math.sqrt(d)
-    qs = qf[tiles.q_rows]  # (NB, B, d)
-    own = (qs * kf[tiles.own_rows]).sum(-1) * scale  # (NB, B): every query sees itself
-    logits = (qs[tiles.pair_block] @ kf[tiles.k_rows].transpose(-1, -2)) * scale  # (P, B, T)
-    logits = logits.masked_fill(~tiles.allowed, float("-inf"))
-    top = merge_max(tiles, own, logits)
-    acc = torch.exp(own - top)[..., None] * vf[tiles.own_rows]  # (NB, B, d + 1)
-    weights = torch.exp(logits - top[tiles.pair_block][..., None])  # (P, B, T)
-    acc = acc.index_add(0, tiles.pair_block, weights @ vf[tiles.k_rows])
-    out = normalise(acc).flatten(0, 1)[tiles.unsort]  # (b * h * q_len, d) in position order
-    out = out.view(b, h, q_len, d)
+    own_rows = (torch.arange(b * h, device=q.device)[:, None] * k_len
+                + torch.arange(k_len - q_len, k_len, device=q.device)).flatten()  # (b * h * q_len,)
+    own = (qf * kf[own_rows]).sum(-1) * scale  # every query sees itself
+    logits = []
+    for tiles in rounds:
+        qs = qf[tiles.q_rows]  # (NB, B, d): the queries in this round's order
+        pair = (qs[tiles.pair_block] @ kf[tiles.k_rows].transpose(-1, -2)) * scale  # (P, B, T)
+        logits.append(pair.masked_fill(~tiles.allowed, float("-inf")))
+    top = own
+    for tiles, pair in zip(rounds, logits, strict=True):
+        top = torch.maximum(top, round_max(tiles, pair))
+    top = top.detach()  # one shared scale per query, over every round
+    acc = torch.exp(own - top)[:, None] * vf[own_rows]  # (rows, d + 1)
+    pair_weights = []
+    for tiles, pair in zip(rounds, logits, strict=True):
+        weights = torch.exp(pair - top[tiles.q_rows][tiles.pair_block][..., None])  # (P, B, T)
+        slots = torch.zeros(*tiles.q_rows.shape, d + 1, dtype=acc.dtype, device=q.device)
+        slots = slots.index_add(0, tiles.pair_block, weights @ vf[tiles.k_rows])  # (NB, B, d + 1)
+        acc = acc + slots.flatten(0, 1)[tiles.unsort]
+        pair_weights.append(weights)
+    out = normalise(acc).view(b, h, q_len, d)
     if not return_weights:
         return out
-    k_len = k.shape[-2]
-    z = acc[..., -1]  # (NB, B): each slot's softmax denominator (v was extended by a column of ones)
+    z = acc[:, -1]  # each query row's softmax denominator (v was extended by a column of ones)
     dense = torch.zeros(b * h * q_len, k_len, dtype=acc.dtype, device=q.device)
     rows = torch.arange(b * h * q_len, device=q.device)
-    slot = tiles.unsort  # each query row's slot in the flattened (NB, B)
-    own_weight = (torch.exp(own - top) / z).flatten()[slot]
-    dense.index_put_((rows, tiles.own_rows.flatten()[slot] % k_len), own_weight, accumulate=True)
-    pair_rows = tiles.q_rows[tiles.pair_block][..., None].expand_as(weights)  # (P, B, T); padding slots add 0
-    pair_cols = tiles.k_pos[:, None, :].expand_as(weights)
-    dense.index_put_((pair_rows, pair_cols), weights / z[tiles.pair_block][..., None], accumulate=True)
+    dense.index_put_((rows, own_rows % k_len), torch.exp(own - top) / z, accumulate=True)
+    for tiles, weights in zip(rounds, pair_weights, strict=True):
+        pair_rows = tiles.q_rows[tiles.pair_block][..., None].expand_as(weights)  # (P, B, T); padding slots add 0
+        pair_cols = tiles.k_pos[:, None, :].expand_as(weights)
+        dense.index_put_((pair_rows, pair_cols), weights / z[pair_rows], accumulate=True)
     return out, dense.view(b, h, q_len, k_len).to(q.dtype)
 
 
-def hash_flops_per_token(head_dim: int, n_buckets: int) -> float:
-    """Matmul FLOPs per token and head of hashing its query and its key (nothing with one bucket)."""
+@torch.no_grad()
+def lsh_support(q: torch.Tensor, k: torch.Tensor, rotations: torch.Tensor | None, chunk: int, causal: bool,
+                hashing: str = "angular", n_hashes: int = 1, exclude_window: int = 0) -> torch.Tensor:
+    """(b, h, q_len, k_len) bool: the keys each query's softmax reads exactly (its chunks, and itself unless a
+    window holds it): dense, for measuring recall, not for long sequences."""
+    from layers.attention.local import in_window
+
+    k = repeat_kv_heads(q, k, k)[0]
+    b, h, q_len, _ = q.shape
+    k_len = k.shape[-2]
+    dense = torch.zeros(b * h * q_len, k_len, dtype=torch.bool, device=q.device)
+    for tiles in hash_rounds(q, k, rotations, chunk, causal, None, hashing, n_hashes):
+        allowed = tiles.allowed
+        rows = tiles.q_rows[tiles.pair_block][..., None].expand_as(allowed)
+        cols = tiles.k_pos[:, None, :].expand_as(allowed)
+        dense[rows[allowed], cols[allowed]] = True
+    dense = dense.view(b, h, q_len, k_len)
+    q_pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+    k_pos = torch.arange(k_len, device=q.device)[None, :]
+    if exclude_window:
+        return dense | in_window(q_pos, k_pos, exclude_window, causal, k_len)
+    return dense | (q_pos == k_pos)
+
+
+def hash_flops_per_token(head_dim: int, n_buckets: int, hashing: str = "angular", causal: bool = True) -> float:
+    """Matmul FLOPs per token and head of hashing its query and its key in one round (nothing with one bucket)."""
+    if hashing == "smyrf":
+        dim = head_dim + 1  # the transformed vectors
+        return 2 * (2 * dim * (1 if not causal else n_buckets // 2))
     return 2 * (2 * head_dim * (n_buckets // 2)) if n_buckets > 1 else 0
 
 
@@ -190,25 +336,55 @@ def tiles_per_block(n_buckets: int) -> float:
     return 2.0 if n_buckets == 1 else 3.0
 
 
-def lsh_flops_per_token(head_dim: int, n_buckets: int, chunk: int) -> float:
-    """Forward matmul FLOPs per query and head: hashing, then q.k and p.v1 over the key tiles of its block."""
-    entries = chunk * tiles_per_block(n_buckets)
-    return hash_flops_per_token(head_dim, n_buckets) + (2 * head_dim + 2 * (head_dim + 1)) * entries
+def lsh_flops_per_token(head_dim: int, n_buckets: int, chunk: int, hashing: str = "angular", n_hashes: int = 1,
+                        causal: bool = True) -> float:
+    """Forward matmul FLOPs per query and head: per round, hashing, then q.k and p.v1 over the key tiles of
+    its block (a balanced round reads ~3 tiles too: its block's chunks span about three tiles)."""
+    balanced = hashing == "smyrf" and not causal
+    entries = chunk * (3.0 if balanced else tiles_per_block(n_buckets))
+    products = (2 * head_dim + 2 * (head_dim + 1)) * entries
+    per_round = hash_flops_per_token(head_dim, n_buckets, hashing, causal) + products
+    return n_hashes * per_round
+
+
+def check_hashing(kind: str, hashing: str, n_hashes: int) -> None:
+    """A ValueError naming the option unless hashing is known and n_hashes >= 1."""
+    if hashing not in HASHINGS:
+        raise ValueError(f"{kind}: hashing = {hashing!r} is invalid: must be one of {HASHINGS}")
+    if n_hashes < 1:
+        raise ValueError(f"{kind}: n_hashes = {n_hashes} is invalid: must be >= 1")
+
+
+def make_projection(hashing: str, n_buckets: int, n_hashes: int, head_dim: int,
+                    redraw_every: int) -> RandomProjection | None:
+    """The hash rounds' random rotations: n_buckets / 2 rows per round (angular; none with one bucket); for smyrf,
+    of the transformed (head_dim + 1) vectors, 1 + n_buckets / 2 rows per round: the balanced rounds' direction
+    (non-causal), then the rotations of the causal rounds' buckets."""
+    if hashing == "angular":
+        return RandomProjection(n_hashes * (n_buckets // 2), head_dim, redraw_every) if n_buckets > 1 else None
+    return RandomProjection(n_hashes * (1 + n_buckets // 2), head_dim + 1, redraw_every)
 
 
 class LSHAttention(nn.Module):
-    """Hash-bucketed sparse attention: `n_buckets` angular-LSH buckets, `chunk` keys of its bucket per query."""
+    """Hash-bucketed sparse attention: `n_buckets` LSH buckets, `chunk` keys of its bucket per query and round.
+
+    hashing: "angular" (Reformer: angular LSH of q and k) or "smyrf" (asymmetric transform for inner
+    products, balanced clusters when non-causal); n_hashes: hash rounds, their keys united (each key once).
+    """
 
     OPTIONS_AT_CALL = ("return_weights",)  # keywords a caller may add: see DenseAttention
 
-    def __init__(self, head_dim: int, n_buckets: int = 8, chunk: int = 64, redraw_every: int = 1000):
+    def __init__(self, head_dim: int, n_buckets: int = 8, chunk: int = 64, redraw_every: int = 1000,
+                 hashing: str = "angular", n_hashes: int = 1):
         super().__init__()
         if n_buckets < 1 or (n_buckets > 1 and n_buckets % 2):
             raise ValueError(f"lsh: n_buckets = {n_buckets} is invalid: must be 1 or an even number >= 2")
         if chunk < 1:
             raise ValueError(f"lsh: chunk = {chunk} is invalid: must be >= 1")
+        check_hashing("lsh", hashing, n_hashes)
         self.head_dim, self.n_buckets, self.chunk = head_dim, n_buckets, chunk
-        self.rotations = RandomProjection(n_buckets // 2, head_dim, redraw_every) if n_buckets > 1 else None
+        self.hashing, self.n_hashes = hashing, n_hashes
+        self.rotations = make_projection(hashing, n_buckets, n_hashes, head_dim, redraw_every)
 
     def forward(
         self,
@@ -224,11 +400,20 @@ class LSHAttention(nn.Module):
         return_weights: also the (batch, heads, q_len, k_len) weights it used (dense, zero off its support).
         """
         rotations = None if self.rotations is None else self.rotations.weight
-        return lsh_attention(q, k, v, rotations, self.chunk, causal, key_padding_mask, return_weights)
+        return lsh_attention(q, k, v, rotations, self.chunk, causal, key_padding_mask, return_weights,
+                             self.hashing, self.n_hashes)
+
+    def support(self, q: torch.Tensor, k: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """(batch, heads, q_len, k_len) bool: the keys each query reads (dense; for measuring recall)."""
+        rotations = None if self.rotations is None else self.rotations.weight
+        return lsh_support(q, k, rotations, self.chunk, causal, self.hashing, self.n_hashes)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs per query token and head (tiles per query block estimated: see tiles_per_block)."""
-        return lsh_flops_per_token(self.head_dim, self.n_buckets, min(self.chunk, seq_len))
+        return lsh_flops_per_token(self.head_dim, self.n_buckets, min(self.chunk, seq_len), self.hashing,
+                                   self.n_hashes, causal)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, n_buckets={self.n_buckets}, chunk={self.chunk}"
+        extra = "" if self.hashing == "angular" and self.n_hashes == 1 else (
+            f", hashing={self.hashing}, n_hashes={self.n_hashes}")
+        return f"head_dim={self.head_dim}, n_buckets={self.n_buckets}, chunk={self.chunk}{extra}"

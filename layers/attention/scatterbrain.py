@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
-from layers.attention.local import key_windows, query_windows, window_layout, window_mask
+from layers.attention.local import in_window, key_windows, query_windows, window_layout, window_mask
 from layers.attention.lsh import (
     BucketTiles,
-    bucket_tiles,
-    hash_buckets,
+    check_hashing,
     hash_flops_per_token,
-    merge_max,
+    hash_rounds,
+    lsh_support,
+    make_projection,
+    round_max,
     tiles_per_block,
 )
 from layers.attention.performer import favor_features, linear_attention, performer_flops_per_token
@@ -35,7 +37,11 @@ from layers.attention.random_projection import RandomProjection
 
 
 class ScatterbrainAttention(nn.Module):
-    """Performer with `n_features` features + exact attention on a `window` and/or `lsh_chunk` LSH support."""
+    """Performer with `n_features` features + exact attention on a `window` and/or `lsh_chunk` LSH support.
+
+    hashing / n_hashes: the LSH support's hashing, as the `lsh` kind's ("smyrf": asymmetric transform for inner
+    products, balanced when non-causal; n_hashes rounds united, every pair counted once).
+    """
 
     def __init__(
         self,
@@ -46,6 +52,8 @@ class ScatterbrainAttention(nn.Module):
         n_buckets: int = 8,
         chunk: int = 64,
         redraw_every: int = 1000,
+        hashing: str = "angular",
+        n_hashes: int = 1,
     ):
         super().__init__()
         for name, value, low in (("n_features", n_features, 1), ("window", window, 0), ("lsh_chunk", lsh_chunk, 0),
@@ -54,11 +62,12 @@ class ScatterbrainAttention(nn.Module):
                 raise ValueError(f"scatterbrain: {name} = {value} is invalid: must be >= {low}")
         if n_buckets < 1 or (n_buckets > 1 and n_buckets % 2):
             raise ValueError(f"scatterbrain: n_buckets = {n_buckets} is invalid: must be 1 or an even number >= 2")
+        check_hashing("scatterbrain", hashing, n_hashes)
         self.head_dim, self.n_features, self.chunk = head_dim, n_features, chunk
         self.window, self.lsh_chunk, self.n_buckets = window, lsh_chunk, n_buckets
+        self.hashing, self.n_hashes = hashing, n_hashes
         self.features = RandomProjection(n_features, head_dim, redraw_every)
-        use_rotations = lsh_chunk > 0 and n_buckets > 1
-        self.rotations = RandomProjection(n_buckets // 2, head_dim, redraw_every) if use_rotations else None
+        self.rotations = make_projection(hashing, n_buckets, n_hashes, head_dim, redraw_every) if lsh_chunk else None
 
     def forward(
         self,
@@ -84,11 +93,12 @@ class ScatterbrainAttention(nn.Module):
         supports = []
         if self.window:
             supports.append(WindowSupport(q, k, self.window, causal, key_padding_mask))
-        if self.lsh_chunk:
+        if self.lsh_chunk:  # one support per hash round, each pair in one round only
             rotations = None if self.rotations is None else self.rotations.weight
-            tiles = bucket_tiles(hash_buckets(q, rotations), hash_buckets(k, rotations), self.lsh_chunk, causal,
-                                 key_padding_mask)
-            supports.append(BucketSupport(q, k, tiles, exclude_window=self.window))
+            rounds = hash_rounds(q, k, rotations, self.lsh_chunk, causal, key_padding_mask, self.hashing,
+                                 self.n_hashes)
+            for r, tiles in enumerate(rounds):
+                supports.append(BucketSupport(q, k, tiles, exclude_window=self.window, causal=causal, own=r == 0))
         # The shared scale exp(-M_i): M_i the largest log-weight of query i, low-rank or exact.
         top = stab
         for support in supports:
@@ -110,14 +120,32 @@ class ScatterbrainAttention(nn.Module):
             layout = window_layout(seq_len, seq_len, self.window, causal)
             flops += per_entry * layout.n_blocks * layout.block * layout.span / seq_len
         if self.lsh_chunk:
-            entries = tiles_per_block(self.n_buckets) * min(self.lsh_chunk, seq_len)  # estimated, see lsh.py
+            balanced = self.hashing == "smyrf" and not causal
+            tiles = 3.0 if balanced else tiles_per_block(self.n_buckets)
+            entries = tiles * min(self.lsh_chunk, seq_len)  # estimated, see lsh.py
             own = 2 * d if self.window else per_entry  # the own position's logit (and correction without a window)
-            flops += hash_flops_per_token(d, self.n_buckets) + per_entry * entries + own
+            per_round = hash_flops_per_token(d, self.n_buckets, self.hashing, causal) + per_entry * entries + 2 * d
+            flops += self.n_hashes * per_round - 2 * d + own  # rounds after the first compute the own logit too
         return flops
 
+    def support(self, q: torch.Tensor, k: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """(batch, heads, q_len, k_len) bool: the pairs it computes exactly (window, LSH rounds, own position)."""
+        from layers.attention.local import in_window
+
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        q_pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+        k_pos = torch.arange(k_len, device=q.device)[None, :]
+        window = in_window(q_pos, k_pos, self.window, causal, k_len) if self.window else q_pos == k_pos
+        if not self.lsh_chunk:
+            return window.expand(q.shape[0], q.shape[1], q_len, k_len)
+        rotations = None if self.rotations is None else self.rotations.weight
+        return window | lsh_support(q, k, rotations, self.lsh_chunk, causal, self.hashing, self.n_hashes)
+
     def extra_repr(self) -> str:
+        extra = "" if self.hashing == "angular" and self.n_hashes == 1 else (
+            f", hashing={self.hashing}, n_hashes={self.n_hashes}")
         return (f"head_dim={self.head_dim}, n_features={self.n_features}, window={self.window}, "
-                f"lsh_chunk={self.lsh_chunk}, n_buckets={self.n_buckets}")
+                f"lsh_chunk={self.lsh_chunk}, n_buckets={self.n_buckets}{extra}")
 
 
 class WindowSupport:
@@ -146,25 +174,26 @@ class WindowSupport:
 class BucketSupport:
     """The LSH chunks as a Scatterbrain support, minus the window's pairs when there is a window."""
 
-    def __init__(self, q, k, tiles: BucketTiles, exclude_window: int):
+    def __init__(self, q, k, tiles: BucketTiles, exclude_window: int, causal: bool, own: bool = True):
         self.shape = q.shape  # (b, h, q_len, d)
         self.tiles = tiles
         if exclude_window:  # pairs inside the window are the window's (and so is the own position)
-            distance = (tiles.q_pos[tiles.pair_block][:, :, None] - tiles.k_pos[:, None, :]).abs()  # (P, B, T)
-            tiles.allowed &= distance >= exclude_window
+            tiles.allowed &= ~in_window(tiles.q_pos[tiles.pair_block][:, :, None], tiles.k_pos[:, None, :],
+                                        exclude_window, causal, k.shape[-2])  # (P, B, T)
         d = q.shape[-1]
         qf, kf = q.reshape(-1, d), k.reshape(-1, d)  # rows of (b * h * len, d)
         qs = qf[tiles.q_rows]  # (NB, B, d): the queries in bucket order
         scores = qs[tiles.pair_block] @ kf[tiles.k_rows].transpose(-1, -2) / math.sqrt(d)  # (P, B, T)
         self.logits = scores.masked_fill(~tiles.allowed, float("-inf"))
         self.own = (qs * kf[tiles.own_rows]).sum(-1) / math.sqrt(d)  # (NB, B)
-        if exclude_window:
+        if exclude_window or not own:  # the window, or the first hash round, holds the own position
             self.own = torch.full_like(self.own, float("-inf"))
 
     def top(self) -> torch.Tensor:
         """(b, h, q_len, 1): each query's largest exact logit in its chunk (and at its own position)."""
         b, h, q_len, _ = self.shape
-        return merge_max(self.tiles, self.own, self.logits).flatten()[self.tiles.unsort].view(b, h, q_len, 1)
+        own = self.own.flatten()[self.tiles.unsort]
+        return torch.maximum(own, round_max(self.tiles, self.logits)).view(b, h, q_len, 1)
 
     def correction(self, phi_q, phi_k, v1, top) -> torch.Tensor:
         """(b, h, q_len, d + 1): sum over the chunk of (exact - low-rank weight) [v, 1], at the scale exp(-top)."""

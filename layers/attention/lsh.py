@@ -20,12 +20,15 @@ hashing="smyrf" (SMYRF, Daras et al. 2020) hashes for inner products instead of 
   [q / |q|, 0], so that for each query the cosine of the transformed pair orders its keys by q.k
   (angular LSH alone misses large-norm keys at moderate angles). M is the largest key norm: of all
   keys, or (causal) of the keys up to each key, so a key's hash never depends on later tokens;
-- balanced clusters (non-causal): keys sorted by a random projection of their transform; each query
-  takes the `chunk` keys nearest to its own projection in that order, so every query gets exactly
-  min(chunk, k_len) keys. SMYRF cuts the sorted queries and the sorted keys into aligned clusters;
-  taking them around the query's own value keeps its keys independent of the other queries (and
-  gave a higher recall of the largest keys here). Causal attention cannot sort by future keys, so
-  causal rounds take the `chunk` most recent keys of the query's angular bucket of the transform;
+- balanced clusters (non-causal): keys sorted by the angular bucket of their transform, then by a
+  random projection of it within the bucket; each query takes the `chunk` keys nearest to its own
+  code in that order, so every query gets exactly min(chunk, k_len) keys (a small bucket is filled
+  from its neighbours in the order). SMYRF sorts by one projection and cuts the sorted queries and
+  the sorted keys into aligned clusters; taking them around the query's own code keeps its keys
+  independent of the other queries, and bucket-then-projection recalled more of the largest keys
+  than one projection (heavy hitters, n = 1024, 4 rounds of 15 keys: 0.83 of each query's top 2
+  against 0.69; 0.25 for one round of angular LSH). Causal attention cannot sort by future keys,
+  so causal rounds take the `chunk` most recent keys of the query's angular bucket of the transform;
 - several rounds: the union of the rounds' keys, each key counted once per query (a pair an earlier
   round holds is masked out of the later ones).
 The default, hashing="angular" with n_hashes=1, is the original single-round angular LSH.
@@ -77,6 +80,16 @@ def round_projection(projection: torch.Tensor | None, round_: int, n_hashes: int
     return projection[round_ * rows : (round_ + 1) * rows]
 
 
+def balanced_code(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(b, h, n) real sort code of transformed vectors x (b, h, n, d + 1) for a balanced round: the angular
+    bucket by rows[1:], then the projection on rows[0] within it (keys sorted by it, each query taking the
+    `chunk` keys around its own code, fall in its bucket first and in its neighbours' when it is small)."""
+    direction = rows[0].float()
+    projection = x @ direction  # |projection| <= |direction|: x is on the unit sphere
+    buckets = hash_buckets(x, rows[1:]) if rows.shape[0] > 1 else torch.zeros_like(projection, dtype=torch.long)
+    return buckets * (2 * direction.norm() + 1) + projection
+
+
 def hash_rounds(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor | None, chunk: int, causal: bool,
                 key_padding_mask: torch.Tensor | None, hashing: str = "angular",
                 n_hashes: int = 1) -> list[BucketTiles]:
@@ -86,9 +99,9 @@ def hash_rounds(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor | Non
     rounds = []
     for r in range(n_hashes):
         rows = round_projection(projection, r, n_hashes)
-        if hashing == "smyrf" and not causal:  # balanced: one real code per token, exactly `chunk` keys per query
-            direction = rows[0].float()
-            tiles = sorted_tiles(q @ direction, k @ direction, None, None, chunk, causal, key_padding_mask)
+        if hashing == "smyrf" and not causal:  # balanced: exactly `chunk` keys per query, across bucket edges
+            tiles = sorted_tiles(*(balanced_code(x, rows) for x in (q, k)), None, None, chunk, causal,
+                                 key_padding_mask)
         else:
             if hashing == "smyrf":  # causal: angular buckets of the transform (the rows after the balanced one)
                 rows = rows[1:] if rows.shape[0] > 1 else None

@@ -25,20 +25,27 @@ def transformed(q, k):
 
 
 def balanced_support(kind, q, k, chunk):
-    """Each round: keys sorted by the projection of their transform, the `chunk` keys around the query's own
-    projection (moved inside the sequence); the union over rounds, and the query itself."""
+    """Each round: keys sorted by (angular bucket, projection) of their transform, the `chunk` keys around the
+    query's own (bucket, projection) (moved inside the sequence); the union over rounds, and the query itself."""
     q_t, k_t = transformed(q, k)
     b, h, n, _ = q.shape
     rows = kind.rotations.weight.shape[0] // kind.n_hashes
     support = torch.zeros(b, h, n, n, dtype=torch.bool)
+
+    def bucket(x, rotations):  # argmax of [xR, -xR]
+        return torch.cat([x @ rotations.T, -(x @ rotations.T)], -1).argmax(-1)
+
     for r in range(kind.n_hashes):
         a = kind.rotations.weight[r * rows]
+        rotations = kind.rotations.weight[r * rows + 1 : (r + 1) * rows]
         for i in range(b):
             for j in range(h):
+                kb, qb = bucket(k_t[i, j], rotations), bucket(q_t[i, j], rotations)
                 kc, qc = k_t[i, j] @ a, q_t[i, j] @ a
-                order = kc.argsort()
+                order = sorted(range(n), key=lambda t: (int(kb[t]), float(kc[t])))
+                order = torch.tensor(order)
                 for p in range(n):
-                    insert = int((kc < qc[p]).sum())
+                    insert = sum(1 for t in range(n) if (int(kb[t]), float(kc[t])) < (int(qb[p]), float(qc[p])))
                     first = min(max(insert - chunk // 2, 0), n - chunk)
                     support[i, j, p, order[first : first + chunk]] = True
     return support | torch.eye(n, dtype=torch.bool)

@@ -133,3 +133,14 @@ def test_saved_local_checkpoints_run_causal_windows_so_they_keep_their_behaviour
     old = torch.tensor([[0 <= p - j < w for j in range(40)] for p in range(40)])
     torch.testing.assert_close(KINDS["local"](head_dim=16, window=w)(q, k, v, causal=True),
                                masked_softmax(q, k, v, old), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "window"), [(50, 50, 8), (50, 50, 7), (20, 50, 9), (30, 30, 64)])
+def test_the_flash_band_with_its_edge_queries_recomputed_is_the_window(q_len, k_len, window):
+    # flash-attn's window_size=(left, right) is a plain band: written out here, on the CPU, as flash computes it
+    q, k, v = qkv(q_len, k_len, heads=(4, 2))
+    left, right = local.window_sides(window, causal=False)
+    diff = torch.arange(k_len - q_len, k_len)[:, None] - torch.arange(k_len)[None, :]
+    band = masked_softmax(q, k, v, (diff <= left) & (diff >= -right))
+    torch.testing.assert_close(local.shift_edge_windows(band, q, k, v, window),
+                               masked_softmax(q, k, v, oracle_mask(q_len, k_len, window, False)), atol=1e-5, rtol=1e-5)

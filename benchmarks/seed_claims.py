@@ -91,16 +91,27 @@ def by_seed(result: dict) -> dict[int, float]:
     return {r["spec"]["seed"]: r["report_loss"] for r in result["runs"]}
 
 
+def outcome(v: str, expected: str, half_width: float) -> str:
+    """What the measurement says of a claim: a direction claim is confirmed / contradicted / not resolved; an
+    equivalence claim ('no resolved difference') is contradicted by a resolved difference, else only consistent
+    with the data to within the interval (equivalence is never proven by a wide interval)."""
+    if expected == "no resolved difference":
+        return "contradicted" if v != expected else f"consistent (not resolved: +/-{half_width:.3f})"
+    if v == expected:
+        return "confirmed"
+    return "not resolved" if v == "no resolved difference" else "contradicted"
+
+
 def claim_row(claim: str, source: str, a: dict[int, float], b: dict[int, float], expected: str,
               lower_is_better: bool = True, unit: str = "nats/byte") -> dict:
-    """`a - b` paired by seed; expected is what the paper / the old benchmark claimed ('better'/'worse')."""
+    """`a - b` paired by seed; expected is what the paper / the old benchmark claimed ('better', 'worse' or
+    'no resolved difference' for a claim of equal quality)."""
     seeds = sorted(set(a) & set(b))
     d = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
     v = verdict(d, lower_is_better)
-    agrees = ("confirmed" if v == expected else "no resolved difference" if v == "no resolved difference"
-              else "contradicted")
     return {"claim": claim, "source": source, "seeds": seeds, "mean": d["mean"], "low": d["low"], "high": d["high"],
-            "p": d["p"], "verdict": v, "expected": expected, "outcome": agrees, "unit": unit}
+            "p": d["p"], "verdict": v, "expected": expected, "unit": unit,
+            "outcome": outcome(v, expected, (d["high"] - d["low"]) / 2)}
 
 
 def moe_k_claims(protocol: Protocol, ledger: ChainLedger, own: Ledger, work: Path, lr: float) -> list[dict]:
@@ -183,12 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     if dense is None:
         raise SystemExit("the frontier ledger has no complete dense family yet")
     d = by_seed(dense)
+    dense_flops = dense["runs"][0]["active_flops_per_token"]
     for f, claim in (("moe", "moe-tiny (top-2 of 8) beats dense at equal active FLOPs"),
                      ("moe-fine", "moe-fine-tiny (top-8 of 64 + shared) beats dense at equal active FLOPs"),
                      ("moe-topp", "moe-topp-tiny (top-p 0.4) matches dense with fewer active FLOPs")):
         if fam[f]:
             expected = "no resolved difference" if f == "moe-topp" else "better"
-            rows.append(claim_row(claim, "issue 4 / Switch, Mixtral, DeepSeek-MoE", by_seed(fam[f]), d, expected))
+            row = claim_row(claim, "issue 4 / Switch, Mixtral, DeepSeek-MoE", by_seed(fam[f]), d, expected)
+            flops = sum(r["active_flops_per_token"] for r in fam[f]["runs"]) / len(fam[f]["runs"])
+            row["active_flops_ratio"] = flops / dense_flops  # top-p: the mean k measured on held-out tokens
+            if f == "moe-topp" and flops >= dense_flops:  # the claim's other half
+                row["outcome"] = f"contradicted: {flops / dense_flops:.2f}x dense's active FLOPs (measured mean k)"
+            rows.append(row)
     if fam["scatterbrain"]:
         s = by_seed(fam["scatterbrain"])
         for part in ("local", "performer"):

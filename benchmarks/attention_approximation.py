@@ -6,8 +6,18 @@ keys (its window, or its LSH chunk). "Scatterbrain 2B" (B features + B keys) is 
 reading where it gets the baselines' budgets added. The error is ||out - exact|| / ||exact||
 over all heads, averaged over --draws random draws of features and hashes (seeded).
 
+"lsh (smyrf)" and "scatterbrain (smyrf)" hash with SMYRF's asymmetric transform in --rounds rounds
+(balanced clusters when non-causal) of 8 buckets, their chunk cut so that the rounds together
+hold at most the same budget (each key counted once, so a little less). Recall@m: the
+fraction of each query's m largest visible q.k (exact, from the dense scores) that a kind's
+exact support holds (the same at every temperature: the hashes and windows do not depend on
+the scale).
+
 Inputs, each scaled by sqrt(t) on q and k (so logits scale by t, the inverse softmax temperature):
-- random: q, k, v ~ N(0, 1), n = 1024, head_dim 64, causal and non-causal;
+- random: q, k, v ~ N(0, 1), n = 1024, head_dim 64, causal and non-causal (no structure to find);
+- heavy hitters: queries in 8 clusters (centre norm 3, noise 0.5 per coordinate), keys N(0, 1)
+  except 2 per cluster of norm 2 sqrt(head_dim) along its centre, v ~ N(0, 1): a few keys take
+  a large share of each query's softmax, the rest a diffuse remainder (sparse + low rank);
 - real: q, k (after RoPE) and v of every layer and head of a trained lm-dense-tiny on validation
   text (n = 256, causal), e.g. the dense run of benchmarks/attention_quality.py.
 
@@ -37,14 +47,31 @@ from layers.attention.dense import sdpa_attention
 TEMPERATURES = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
 
-def kinds_at_budget(budget: int, n: int, head_dim: int) -> dict[str, tuple[str, dict]]:
+ROUNDS = 4  # SMYRF hash rounds (--rounds)
+SMYRF_BUCKETS = 8
+
+
+def buckets_for(n: int, chunk: int) -> int:
+    """An even number of LSH buckets that hold about `chunk` keys each."""
+    return max(2, 2 * round(n / chunk / 2))
+
+
+def kinds_at_budget(budget: int, n: int, head_dim: int, rounds: int | None = None) -> dict[str, tuple[str, dict]]:
     """name -> (kind, kwargs) at `budget` entries per query (LSH buckets sized to hold about `budget` keys)."""
+    rounds = rounds or ROUNDS
     half = budget // 2
-    buckets = max(2, 2 * round(n / budget / 2))
+    buckets = buckets_for(n, budget)
+    chunk, half_chunk = max(1, (budget - 1) // rounds), max(1, (half - 1) // rounds)  # rounds * chunk + itself
+    smyrf = dict(hashing="smyrf", n_hashes=rounds)
     return {
         "performer": ("performer", dict(n_features=budget)),
         "local": ("local", dict(window=budget)),
         "lsh": ("lsh", dict(n_buckets=buckets, chunk=budget - 1)),
+        # 8 buckets: balanced rounds fill a small bucket from its neighbours, and causal rounds (a query reads
+        # the `chunk` latest keys of its bucket) need buckets that hold them (8 recalled more than 16 or 64)
+        "lsh (smyrf)": ("lsh", dict(n_buckets=SMYRF_BUCKETS, chunk=chunk, **smyrf)),
+        "scatterbrain (smyrf)": ("scatterbrain", dict(n_features=half, window=0, lsh_chunk=half_chunk,
+                                                      n_buckets=SMYRF_BUCKETS, **smyrf)),
         "scatterbrain (local)": ("scatterbrain", dict(n_features=half, window=half)),
         "scatterbrain (lsh)": ("scatterbrain", dict(n_features=half, window=0, lsh_chunk=half - 1,
                                                     n_buckets=buckets)),
@@ -93,6 +120,80 @@ def sweep(q, k, v, causal: bool, budget: int, draws: int) -> list[dict]:
     return rows
 
 
+SUPPORTS = ("local", "lsh", "lsh (smyrf)", "scatterbrain (local)", "scatterbrain (lsh)", "scatterbrain (smyrf)")
+
+
+@torch.no_grad()
+def support_of(module, q, k, causal: bool) -> torch.Tensor:
+    """(b, h, q_len, k_len) bool: the pairs a kind computes exactly (its window, its hash chunks, itself)."""
+    if hasattr(module, "support"):
+        return module.support(q, k, causal)
+    from layers.attention.local import in_window
+
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+    return in_window(q_pos, torch.arange(k_len)[None, :], module.window, causal, k_len).expand(
+        q.shape[0], q.shape[1], q_len, k_len)
+
+
+@torch.no_grad()
+def recall_at(support: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool,
+              tops: tuple[int, ...]) -> dict[str, float]:
+    """Over all queries: the mean fraction of its m largest visible q.k in `support` for each m in `tops`
+    ("recall@m"), and the support's mean size ("keys")."""
+    scores = q @ k.transpose(-1, -2)
+    if causal:
+        n = k.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    out = {"keys": support.sum(-1).float().mean().item()}
+    for m in tops:
+        top = scores.topk(m, dim=-1)
+        visible = torch.isfinite(top.values)
+        out[f"recall@{m}"] = ((support.gather(-1, top.indices) & visible).sum() / visible.sum()).item()
+    return out
+
+
+def recalls(q, k, causal: bool, budget: int, draws: int, tops: tuple[int, ...]) -> dict[str, dict]:
+    """Recall@m and support size of every sparse part, averaged over the draws."""
+    n, d = k.shape[-2], k.shape[-1]
+    out = {}
+    for name, (kind, kw) in kinds_at_budget(budget, n, d).items():
+        if name not in SUPPORTS:
+            continue
+        got = []
+        for seed in range(draws):
+            torch.manual_seed(seed)
+            got.append(recall_at(support_of(KINDS[kind](head_dim=d, **kw).eval(), q, k, causal), q, k, causal, tops))
+        out[name] = {key: sum(g[key] for g in got) / len(got) for key in got[0]}
+    return out
+
+
+def heavy_hitter_qkv(n: int, heads: int, d: int = 64, clusters: int = 8, per_cluster: int = 2,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, heads, n, d) q, k, v: clustered queries, a few large-norm keys along the cluster centres (see above)."""
+    g = torch.Generator().manual_seed(seed)
+    qs, ks = [], []
+    for _ in range(heads):
+        centres = torch.nn.functional.normalize(torch.randn(clusters, d, generator=g), dim=-1)
+        q = centres[torch.randint(0, clusters, (n,), generator=g)] * 3 + 0.5 * torch.randn(n, d, generator=g)
+        k = torch.randn(n, d, generator=g)
+        heavy = torch.randperm(n, generator=g)[: clusters * per_cluster]
+        k[heavy] = centres.repeat(per_cluster, 1) * 2 * math.sqrt(d) + 0.5 * torch.randn(len(heavy), d, generator=g)
+        qs.append(q)
+        ks.append(k)
+    v = torch.randn(1, heads, n, d, generator=g)
+    return torch.stack(qs)[None], torch.stack(ks)[None], v
+
+
+def recall_table(found: dict[str, dict]) -> str:
+    """Markdown: recall@m of the largest q.k and exact keys per query of each sparse support."""
+    cols = [c for c in next(iter(found.values())) if c != "keys"]
+    lines = ["| support | " + " | ".join(cols) + " | exact keys per query |", "|---|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {r['keys']:.1f} |"
+              for name, r in found.items()]
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def real_qkv(checkpoint: str, n_texts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (texts * layers, heads, 256, head_dim) that a trained LM's attention saw on validation text."""
@@ -126,6 +227,7 @@ def table(rows: list[dict], pairs: list[tuple[str, str, str]]) -> str:
 
 
 PAIRS = [("scatterbrain (local)", "performer", "local"), ("scatterbrain (lsh)", "performer", "lsh"),
+         ("scatterbrain (smyrf)", "performer", "lsh (smyrf)"),
          ("scatterbrain 2B (local)", "performer", "local"), ("scatterbrain 2B (lsh)", "performer", "lsh")]
 
 
@@ -139,7 +241,8 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), sharey=True)
     for ax, (title, rows) in zip(axes, results.items(), strict=True):
         ts = [r["temperature_scale"] for r in rows]
-        for name in ("performer", "local", "lsh", "scatterbrain (local)", "scatterbrain (lsh)"):
+        for name in ("performer", "local", "lsh", "lsh (smyrf)", "scatterbrain (local)", "scatterbrain (lsh)",
+                     "scatterbrain (smyrf)"):
             ax.plot(ts, [r[name] for r in rows], marker="o", ms=3, label=name,
                     linestyle="-" if "scatterbrain" in name else "--")
         ax.set_xscale("log", base=2)
@@ -155,6 +258,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ROUNDS  # --rounds sets the module's default, which kinds_at_budget reads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a trained lm-dense-tiny checkpoint for the real q/k/v")
     parser.add_argument("--n", type=int, default=1024, help="sequence length of the random inputs")
@@ -163,30 +267,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4, help="random heads")
     parser.add_argument("--texts", type=int, default=2, help="validation texts for the real inputs")
     parser.add_argument("--draws", type=int, default=2, help="feature / hash draws averaged")
-    parser.add_argument("--no-random", action="store_true", help="only the real q/k/v")
+    parser.add_argument("--no-random", action="store_true", help="no i.i.d. Gaussian q/k/v")
+    parser.add_argument("--no-heavy", action="store_true", help="no heavy-hitter q/k/v")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="SMYRF hash rounds")
+    parser.add_argument("--top", default="2,8", help="the m of recall@m, comma-separated")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
     started = datetime.now(timezone.utc)
-    results = {}
+    ROUNDS = args.rounds
+    results, found = {}, {}
+    inputs = []  # (title, q, k, v, causal, budget)
     if not args.no_random:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, args.heads, args.n, 64, generator=g) for _ in range(3))
-        results[f"random, causal (n={args.n}, B={args.budget})"] = sweep(q, k, v, True, args.budget, args.draws)
-        results[f"random, non-causal (n={args.n}, B={args.budget})"] = sweep(q, k, v, False, args.budget, args.draws)
+        inputs += [(f"random, causal (n={args.n}, B={args.budget})", q, k, v, True, args.budget),
+                   (f"random, non-causal (n={args.n}, B={args.budget})", q, k, v, False, args.budget)]
+    if not args.no_heavy:
+        q, k, v = heavy_hitter_qkv(args.n, args.heads)
+        inputs += [(f"heavy hitters, causal (n={args.n}, B={args.budget})", q, k, v, True, args.budget),
+                   (f"heavy hitters, non-causal (n={args.n}, B={args.budget})", q, k, v, False, args.budget)]
     if args.checkpoint:
         rq, rk, rv = real_qkv(args.checkpoint, args.texts)
-        results[f"lm-dense-tiny q/k/v, causal (n=256, B={args.real_budget})"] = sweep(
-            rq, rk, rv, True, args.real_budget, args.draws)
+        inputs.append((f"lm-dense-tiny q/k/v, causal (n={rk.shape[-2]}, B={args.real_budget})", rq, rk, rv, True,
+                       args.real_budget))
+    for title, q, k, v, causal, budget in inputs:
+        results[title] = sweep(q, k, v, causal, budget, args.draws)
+        found[title] = recalls(q, k, causal, budget, args.draws, tuple(int(m) for m in args.top.split(",")))
+        print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {title} done", flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"Approximation error vs exact attention. {machine}. {started:%Y-%m-%d %H:%M} UTC. "
           f"Mean of {args.draws} draws.\n")
     for title, rows in results.items():
         print(f"#### {title}\n")
         print(table(rows, PAIRS) + "\n")
+        print(recall_table(found[title]) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"started": started.isoformat(), "machine": machine,
-                                               "args": vars(args), "results": results}, indent=2))
+                                               "args": vars(args), "results": results, "recall": found}, indent=2))
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -36,12 +36,21 @@ def test_local_with_window_at_least_n_equals_dense(causal, window):
     torch.testing.assert_close(out, exact_attention(q, k, v, causal), atol=1e-5, rtol=1e-5)
 
 
+def window_band(n, w, causal):
+    """(n, n): the `w` keys of each query, written out: the w up to it (causal), or w // 2 before it and
+    (w - 1) // 2 after it, moved inside the sequence at the ends (non-causal; issue 17: window = keys per query)."""
+    pos = torch.arange(n)
+    if causal:
+        return (pos[:, None] - pos[None, :]).abs() < w
+    first = (pos[:, None] - w // 2).clamp(0, n - w)
+    return (pos[None, :] >= first) & (pos[None, :] < first + w)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_local_equals_a_written_out_band(causal):
     q, k, v = qkv()
     w = 5
-    pos = torch.arange(37)
-    band = (pos[:, None] - pos[None, :]).abs() < w
+    band = window_band(37, w, causal)
     out = KINDS["local"](head_dim=16, window=w)(q, k, v, causal=causal)
     torch.testing.assert_close(out, exact_attention(q, k, v, causal, band), atol=1e-5, rtol=1e-5)
 
@@ -118,8 +127,7 @@ def test_scatterbrain_replaces_the_low_rank_term_by_the_exact_one_on_the_window(
     torch.manual_seed(0)
     q, k, v = qkv(scale=0.7)
     kind = KINDS["scatterbrain"](head_dim=16, n_features=8, window=4)
-    pos = torch.arange(37)
-    band = (pos[:, None] - pos[None, :]).abs() < 4
+    band = window_band(37, 4, causal)
     expected = scatterbrain_reference(kind, q, k, v, band, causal)
     torch.testing.assert_close(kind(q, k, v, causal=causal), expected, atol=1e-4, rtol=1e-4)
 

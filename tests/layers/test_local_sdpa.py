@@ -15,7 +15,11 @@ def dense_window(q, k, v, window, causal):
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     q_len, k_len = q.shape[-2], k.shape[-2]
     diff = torch.arange(q_len)[:, None] + (k_len - q_len) - torch.arange(k_len)[None, :]
-    allowed = (diff < window) & (diff >= (0 if causal else 1 - window))
+    if causal:
+        allowed = (diff < window) & (diff >= 0)
+    else:  # `window` keys per query: window // 2 before it, the rest after, moved inside the sequence at the ends
+        first = (torch.arange(q_len)[:, None] + (k_len - q_len) - window // 2).clamp(0, max(k_len - window, 0))
+        allowed = (torch.arange(k_len)[None, :] >= first) & (torch.arange(k_len)[None, :] < first + window)
     scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
     return scores.softmax(-1) @ v
 

@@ -333,8 +333,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_report(args, argv, ledger, lm_record: dict, hook: str, d_in: int, plan: list[dict]) -> dict:
-    sae_runs = {k: v for k, v in ledger.runs.items() if k.startswith('["sae"')}
+def settings_tail(args, hook: str, lm_key: str) -> list:
+    """What every SAE run of one setting shares: the last fields of its ledger key."""
+    return [args.expansion, args.sae_steps, args.sae_batch, args.seq_len, args.sae_lr, args.eval_batches, hook, lm_key]
+
+
+def sae_key(item: dict, seed: int, sets: dict, tail: list) -> str:
+    return json.dumps(["sae", item["name"], seed, item["entry"], sorted(sets.items()), *tail], default=str)
+
+
+def build_report(args, argv, ledger, lm_record: dict, hook: str, d_in: int, plan: list[dict], tail: list) -> dict:
+    """The report of this setting's runs (the ledger may hold runs of other settings: other steps, another LM)."""
+    mine = json.dumps(tail, default=str)
+    sae_runs = {k: v for k, v in ledger.runs.items()
+                if k.startswith('["sae"') and json.dumps(json.loads(k)[5:], default=str) == mine}
     names = [p["name"] for p in plan]
     by_seed: dict[int, set] = {}
     for r in sae_runs.values():
@@ -415,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     d_in = args.d_model
     plan = sae_plan(args, d_in)
     work = out / "sae"
+    tail = settings_tail(args, hook, spec.key())
     stopped = False
     for seed in range(args.seeds):
         if args.report_only or stopped:
@@ -429,9 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 sets["k"] = max(1, round(src_rec["evals"][f"width={width}"]["l0"]))
             item = {**item, "sets": sets}
-            key = json.dumps(["sae", item["name"], seed, item["entry"], sorted(sets.items()), args.expansion,
-                              args.sae_steps, args.sae_batch, args.seq_len, args.sae_lr, args.eval_batches, hook,
-                              spec.key()], default=str)
+            key = sae_key(item, seed, sets, tail)
             if args.more_threads and _past(args.more_threads.split("=")[0]):
                 torch.set_num_threads(int(args.more_threads.split("=")[1]))
             if key not in ledger and _past(args.stop_at):
@@ -443,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             evals = ", ".join(f"{b}: FVU {m['fvu']:.4f} L0 {m['l0']:.1f}" for b, m in record["evals"].items())
             how = "ledger" if skipped else f"{record['wall_seconds']:.0f} s, {record['acts_per_s']:,.0f} act/s"
             _say(f"seed {seed} {item['name']}: {evals} ({how})")
-    report = build_report(args, argv, ledger, lm_record, hook, d_in, plan)
+    report = build_report(args, argv, ledger, lm_record, hook, d_in, plan, tail)
     json_path = Path(args.json) if args.json else out / "sae_regime.json"
     md_path = Path(args.md) if args.md else out / "sae_regime.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)

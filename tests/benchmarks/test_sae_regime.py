@@ -103,3 +103,11 @@ def test_claims_pair_seeds_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     # one more seed: only its runs are trained
     assert sae_regime.main([*argv[:7], "4", *argv[8:]]) == 0
     assert [c[1] for c in calls] == [3] * per_seed
+    # another setting (other SAE steps) in the same ledger: trained anew, and neither report mixes in the other's runs
+    calls.clear()
+    assert sae_regime.main([*argv, "--sae-steps", "7"]) == 0
+    assert len(calls) == 3 * per_seed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["runs"]) == 3 * per_seed and report["settings"]["sae_steps"] == 7
+    assert sae_regime.main([*argv, "--report-only"]) == 0
+    assert len(json.loads((tmp_path / "r.json").read_text())["runs"]) == 4 * per_seed

@@ -196,15 +196,24 @@ def test_local_attention_weights_through_the_window_cache_cover_every_position()
         assert bool((w_step[..., : 11 - WINDOW] == 0).all())
 
 
+SMYRF = "hashing" in inspect.signature(LSHAttention).parameters
+
+
 @pytest.mark.parametrize("attention, kwargs", [
-    ("dense", {}), ("scatterbrain", {"n_features": 16, "window": 4, "lsh_chunk": 4, "n_buckets": 2})])
+    ("dense", {}), ("scatterbrain", {"n_features": 16, "window": 4, "lsh_chunk": 4, "n_buckets": 2}),
+    pytest.param("lsh", {"n_buckets": 4, "chunk": 3, "hashing": "smyrf"},
+                 marks=pytest.mark.skipif(not SMYRF, reason="no SMYRF hashing"))])
 def test_kinds_without_a_state_keep_every_key(attention, kwargs):
-    """Dense attention needs every key (the baseline); Scatterbrain with an LSH support keeps them too."""
+    """Dense attention needs every key (the baseline); Scatterbrain with an LSH support and SMYRF-hashed LSH keep
+    them too, and still decode as the full recomputation."""
     torch.manual_seed(0)
     m = zoo.load("lm-dense-tiny", **SMALL, attention=attention, attention_kwargs=kwargs).eval()
+    x, mask, prompt = left_padded(total=12)
+    steps, cache = decode_token_by_token(m, x, mask, prompt)
+    assert all(type(layer) is DynamicLayer and layer.keys.shape[-2] == 12 for layer in cache.layers)
     with torch.no_grad():
-        cache = m(torch.randint(0, 256, (1, 9)), use_cache=True).cache
-    assert all(type(layer) is DynamicLayer and layer.keys.shape[-2] == 9 for layer in cache.layers)
+        full = m(x, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(steps[mask.bool()], full[mask.bool()], atol=ATOL, rtol=ATOL)
 
 
 def test_the_scatterbrain_state_holds_the_window_and_one_sum():

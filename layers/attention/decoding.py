@@ -18,8 +18,7 @@ new transformers cache (the one `generate` or the LM builds); `SelfAttention` th
 
 All are `CacheLayerMixin`s, so generate's beam search (reorder), num_return_sequences (repeat),
 assisted decoding (crop after `activate_past_recording`) work on them as on transformers' own layers.
-Performer defines `decode_state` itself; local, lsh and scatterbrain, whose modules are edited elsewhere,
-get theirs from `ADOPTED` (one entry per kind, which moves into the kind's module as its `decode_state`).
+Each kind's module defines its `decode_state` (returning None keeps every key); a kind without one keeps every key.
 """
 
 from __future__ import annotations
@@ -458,39 +457,10 @@ def last_of_each_bucket(buckets: torch.Tensor, pos: torch.Tensor, chunk: int, sp
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def _adopted() -> dict:
-    from layers.attention.local import LocalAttention
-    from layers.attention.lsh import LSHAttention
-    from layers.attention.scatterbrain import ScatterbrainAttention
-
-    def scatterbrain(kernel):  # a window support only; with an LSH support it keeps every key
-        if kernel.lsh_chunk or kernel.window < 1:
-            return None
-        return WindowAndSumState(kernel.window, kernel.features, kernel.chunk)
-
-    def lsh(kernel):  # angular hashing (any rounds); SMYRF's causal transform scales each key by the largest norm
-        if getattr(kernel, "hashing", "angular") != "angular":  # so far, which the kept keys alone do not know
-            return None
-        return BucketState(kernel.chunk, kernel.n_buckets, kernel.rotations, getattr(kernel, "n_hashes", 1))
-
-    return {LocalAttention: lambda kernel: WindowState(kernel.window), LSHAttention: lsh,
-            ScatterbrainAttention: scatterbrain}
-
-
-# Kinds whose module does not define decode_state (yet): kind class -> its state. local.py / lsh.py are edited
-# elsewhere; each line moves there as `def decode_state(self): return WindowState(self.window)` (and the like).
-ADOPTED: dict = {}
-
-
 def decoding_state(kernel) -> CacheLayerMixin | None:
     """A fresh decoding state for this attention kind, or None when it keeps every key (a DynamicLayer)."""
     make = getattr(kernel, "decode_state", None)
-    if make is not None:
-        return make()
-    if not ADOPTED:
-        ADOPTED.update(_adopted())
-    adopt = ADOPTED.get(type(kernel))
-    return adopt(kernel) if adopt is not None else None
+    return make() if make is not None else None
 
 
 def install_states(cache, attentions) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from layers import kernels
 from layers.attention.common import check_qkv, repeat_kv_heads
+from layers.attention.decoding import WindowState
 
 
 def window_sides(window: int, causal: bool) -> tuple[int, int]:
@@ -318,6 +319,10 @@ class LocalAttention(nn.Module):
                                   window_size=window_sides(self.window, causal)).transpose(1, 2)
             return out if causal else shift_edge_windows(out, q, k, v, self.window)
         return local_attention(q, k, v, self.window, causal, key_padding_mask)
+
+    def decode_state(self) -> WindowState:
+        """Decoding keeps the last window - 1 keys and values (layers/attention/decoding.py): O(window) per token."""
+        return WindowState(self.window)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs per query token and head, as the blockwise path computes them."""

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
+from layers.attention.decoding import BucketState
 from layers.attention.random_projection import RandomProjection
 
 HASHINGS = ("angular", "smyrf")
@@ -420,6 +421,13 @@ class LSHAttention(nn.Module):
         """(batch, heads, q_len, k_len) bool: the keys each query reads (dense; for measuring recall)."""
         rotations = None if self.rotations is None else self.rotations.weight
         return lsh_support(q, k, rotations, self.chunk, causal, self.hashing, self.n_hashes)
+
+    def decode_state(self) -> BucketState | None:
+        """Angular hashing decodes from the last `chunk` keys of each bucket of each round (all a causal query can
+        read); SMYRF keeps every key (None: its causal transform divides by the largest key norm so far)."""
+        if self.hashing != "angular":
+            return None
+        return BucketState(self.chunk, self.n_buckets, self.rotations, self.n_hashes)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs per query token and head (tiles per query block estimated: see tiles_per_block)."""

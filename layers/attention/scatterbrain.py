@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
+from layers.attention.decoding import WindowAndSumState
 from layers.attention.local import in_window, key_windows, query_windows, window_layout, window_mask
 from layers.attention.lsh import (
     BucketTiles,
@@ -110,6 +111,13 @@ class ScatterbrainAttention(nn.Module):
         for support in supports:
             acc = acc + support.correction(phi_q, phi_k, v1, top)
         return normalise(acc)
+
+    def decode_state(self) -> WindowAndSumState | None:
+        """A window support decodes from the window's keys plus the feature sum of the older ones; an LSH support
+        keeps every key (None)."""
+        if self.lsh_chunk or self.window < 1:
+            return None
+        return WindowAndSumState(self.window, self.features, self.chunk)
 
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward matmul FLOPs per query token and head: Performer, plus three products per support entry."""

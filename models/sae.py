@@ -296,6 +296,36 @@ class SAE(ZooPreTrainedModel):
                         moment[index] = 0
         return int(ids.numel())
 
+    @torch.no_grad()
+    def start_from_data(self, x: torch.Tensor, scale_rows: int = 4096) -> float:
+        """The data-dependent start of a fresh SAE from raw activations x (rows, d_in); returns the encoder scale.
+
+        The decoder bias starts at the mean of x (scaled), so the latents code the deviations from it from
+        the first step (as sparsify and SAELens do). With normalize_decoder, the encoder (the decoder's
+        transpose at init) is then multiplied by the one factor c that reconstructs the first `scale_rows`
+        rows best in least squares: c = sum <x - b_dec, y> / sum |y|^2, y the decoding of the unscaled code.
+        A positive factor with b_enc = 0 changes no kind's selection, only the code's size; the transposed
+        decoder overshoots, since the selected rows all lean towards x and their decodings add up (c = 0.65
+        for TopK at k 32 of 8192 latents on 512-wide activations; sparsify's encoder starts at about 0.58 of
+        its unit-norm decoder, the norm of PyTorch's default Linear init). Unscaled, the FVU after 51 steps
+        was 0.253 against sparsify's 0.225 at the same settings; scaled, 0.225 (issue 18).
+        """
+        self._check_input(x, None)
+        x = x.reshape(-1, self.config.d_in)
+        x_scaled = self._scaled(x)
+        self.b_dec.copy_(x_scaled.double().mean(0).to(self.b_dec))
+        if not self.config.normalize_decoder:
+            return 1.0
+        part = x_scaled[:scale_rows] - self.b_dec
+        code = self.select(self.pre_activations(x_scaled[:scale_rows]))
+        y = sparse_decode(code.with_values(code.values.relu()), self.decoder_weight())
+        c = float((part * y).sum() / y.square().sum().clamp_min(1e-30))
+        if not (0 < c < float("inf")):
+            return 1.0
+        self.W_enc.mul_(c)
+        self.b_enc.mul_(c)
+        return c
+
     # ---- bookkeeping ----------------------------------------------------------------------------
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for dead_tokens training tokens."""

@@ -133,12 +133,10 @@ class SAETask:
         c.context_size = cfg.seq_len
         if c.act_scale is None:  # fine-tuning keeps the scale the SAE was trained with
             c.act_scale = self.train.act_scale
-            # A fresh SAE starts its decoder bias at the data's mean (as sparsify and SAELens do): the latents
-            # then code the deviations from it from the first step, not the mean itself (a resumed run loads
-            # its own b_dec over this; fine-tuning keeps the trained one).
-            with torch.no_grad():
-                sample = self.train.slice(0, min(self.train.rows, B_DEC_INIT_ROWS)).float()
-                model.b_dec.copy_((sample.mean(0) * c.act_scale).to(model.b_dec))
+            # A fresh SAE starts from the data (SAE.start_from_data): its decoder bias at the mean of the first
+            # rows, its encoder at the scale that reconstructs them best (a resumed run loads its own weights over
+            # this; fine-tuning keeps the trained ones).
+            model.start_from_data(self.train.slice(0, min(self.train.rows, B_DEC_INIT_ROWS)).to(model.b_dec.device))
         self.flops_per_item = model.cost()["flops_per_token"]
         corpus = ", ".join(cfg.data) if cfg.data else "the bundled Jargon File 4.4.7 (public domain)"
         self.description = (f"{self.train.rows:,} activations of {c.source_model} at {c.hook_point} "

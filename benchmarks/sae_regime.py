@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             sets = dict(item["sets"])
             if "k_from" in item:
                 src, width = item["k_from"]
-                src_rec = next((r for r in ledger.runs.values() if r.get("name") == src and r.get("seed") == seed),
-                               None)
+                src_item = next(p for p in plan if p["name"] == src)  # this setting's run of it, this seed
+                src_rec = ledger.get(sae_key(src_item, seed, src_item["sets"], tail))
                 if src_rec is None:
                     continue
                 sets["k"] = max(1, round(src_rec["evals"][f"width={width}"]["l0"]))

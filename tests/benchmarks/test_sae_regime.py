@@ -62,7 +62,8 @@ def _fake_runs(calls):
         calls.append((item["name"], seed))
         base = 0.5 - 0.01 * seed  # the seed moves every SAE alike: a paired difference removes it
         shift = {"hier-mean": -0.02, "hier-log_area": -0.01, "matryoshka": 0.03}.get(item["name"], 0.0)
-        evals = {sae_regime._budget_key(b): {"fvu": base + shift + 0.001 * len(b), "l0": 3.6, "dead_frac": 0.1}
+        l0 = 3.6 if args.sae_steps != 7 else 5.6  # the Matryoshka prefixes' L0 differ between the two settings
+        evals = {sae_regime._budget_key(b): {"fvu": base + shift + 0.001 * len(b), "l0": l0, "dead_frac": 0.1}
                  for b in item["eval"]}
         return {"name": item["name"], "seed": seed, "sets": item["sets"], "evals": evals, "acts_per_s": 1.0,
                 "cpu_seconds": 1.0, "wall_seconds": 1.0, "loadavg": 1.0, "finished": f"t{len(calls)}",
@@ -109,5 +110,7 @@ def test_claims_pair_seeds_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     assert len(calls) == 3 * per_seed
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["runs"]) == 3 * per_seed and report["settings"]["sae_steps"] == 7
+    # its TopK comparators take k from its own Matryoshka runs (5.6 -> 6), not from the other setting's (4)
+    assert {r["sets"]["k"] for r in report["runs"].values() if r["name"].startswith("topk-w")} == {6}
     assert sae_regime.main([*argv, "--report-only"]) == 0
     assert len(json.loads((tmp_path / "r.json").read_text())["runs"]) == 4 * per_seed

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # The store holds the rows of timed_steps batches (later steps cycle over it, the same batches on every
     # side). A constant learning rate (no warmup, no cosine decay), as the other sides; the rest are the SAE
     # training defaults (clipping at 1.0 never binds here, the betas and weight decay change no digit that
-    # matters: benchmarks/results/sae_vs_sparsify.md).
+    # matters: BENCHMARKS.md, "SAE training against EleutherAI sparsify").
     cfg = parse_args(["sae-topk-tiny", "--set", f"source_model={source}", "--set", f"d_in={args.d_in}",
                       "--set", f"d_sae={d_sae}", "--set", f"k={args.k}", "--set", "hook_point=blocks.0",
                       "--seq-len", str(args.seq_len), "--batch-size", str(args.sequences),

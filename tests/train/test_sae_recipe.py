@@ -3,7 +3,7 @@
 At the same settings (Adam, one constant learning rate, no clipping, no weight decay) and the same start, our
 Trainer's SAE step is sparsify's training step: the same weights after every step. So an FVU gap after the
 same steps between the two is a gap in the settings or the start, not in the step (the start was the gap:
-benchmarks/results/sae_vs_sparsify.md); the start itself is tested here too.
+BENCHMARKS.md, issue 18 item 1); the start itself is tested here too.
 """
 
 import pytest

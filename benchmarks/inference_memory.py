@@ -2,9 +2,9 @@
 
 Per n (default 16k and 32k), causal, batch 1, --heads heads of dimension 64, fp32, the `small` budgets of
 benchmarks/attention_speed.py, one torch thread. For each kind, its automatic inference path (local: SDPA per
-query block in groups of rows; performer: groups of rows with a running state) and the one-pass form it
-replaced (local: `local_attention_reference`; performer: INFERENCE_GROUP_ROWS above n), the others as they
-run; dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call (torch.profiler's
+query block in groups of rows; performer and scatterbrain's window: groups of positions with a running feature
+state; lsh: groups of sorted query blocks merged flash-style) and the one-pass form it replaced (local:
+`local_attention_reference`; the others: INFERENCE_GROUP_ROWS above n, one group); dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call (torch.profiler's
 allocator total, as attention_speed.py measures it), the median CPU time of interleaved rounds (the ratio
 of the grouped path to the one-pass form is its time cost), and the peak of one forward + backward
 (training) beside it.
@@ -28,19 +28,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_speed import BUDGETS, peak_bytes  # noqa: E402
 from local_vs_flex import run_sizes  # noqa: E402
 
-from layers.attention import KINDS, local, performer  # noqa: E402
+from layers.attention import KINDS, local, lsh, performer, scatterbrain  # noqa: E402
 
 
 class OnePass:
-    """Context: the kinds' one-pass inference forms (local's reference, performer without groups)."""
+    """Context: the kinds' one-pass inference forms (local's reference; performer, lsh, scatterbrain in one group)."""
+
+    GROUPED = (performer, lsh, scatterbrain)
 
     def __enter__(self):
-        self.saved = local.kernels.local_attention_path, performer.INFERENCE_GROUP_ROWS
+        self.saved = local.kernels.local_attention_path, [m.INFERENCE_GROUP_ROWS for m in self.GROUPED]
         local.kernels.local_attention_path = lambda q, mask: "reference"
-        performer.INFERENCE_GROUP_ROWS = 1 << 40
+        for m in self.GROUPED:
+            m.INFERENCE_GROUP_ROWS = 1 << 40
 
     def __exit__(self, *exc):
-        local.kernels.local_attention_path, performer.INFERENCE_GROUP_ROWS = self.saved
+        local.kernels.local_attention_path, rows = self.saved
+        for m, r in zip(self.GROUPED, rows, strict=True):
+            m.INFERENCE_GROUP_ROWS = r
 
 
 def calls(n: int, heads: int) -> dict:
@@ -68,7 +73,7 @@ def measure(n: int, heads: int, repeats: int) -> dict:
     variants = {}
     for name, (fn, _) in fns.items():
         variants[name] = (fn, False)
-        if name in ("local", "performer"):
+        if name in ("local", "performer", "lsh", "scatterbrain"):
             variants[f"{name} (one pass)"] = (fn, True)
 
     def run(fn, one_pass):

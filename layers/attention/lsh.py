@@ -38,15 +38,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from layers.attention.common import check_qkv, normalise, repeat_kv_heads, with_ones
+from layers.attention.common import MIN_NORMALISER, check_qkv, normalise, repeat_kv_heads, with_ones
 from layers.attention.decoding import BucketState
 from layers.attention.random_projection import RandomProjection
 
 HASHINGS = ("angular", "smyrf")
+# Without autograd, attention runs this many sorted queries at a time (see attend_in_groups).
+INFERENCE_GROUP_ROWS = 1024
 
 
 def hash_buckets(x: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:
@@ -91,50 +94,107 @@ def balanced_code(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return buckets * (2 * direction.norm() + 1) + projection
 
 
-def hash_rounds(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor | None, chunk: int, causal: bool,
-                key_padding_mask: torch.Tensor | None, hashing: str = "angular",
-                n_hashes: int = 1) -> list[BucketTiles]:
-    """The tiles of every hash round, each pair in one round only (the earliest that holds it)."""
+def sorted_rounds(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor | None, chunk: int, causal: bool,
+                  key_padding_mask: torch.Tensor | None, hashing: str = "angular",
+                  n_hashes: int = 1) -> list[SortedRound]:
+    """Every hash round's order (O(n) indices; `SortedRound.tiles` builds the products)."""
     if hashing == "smyrf":
         q, k = asymmetric_transform(q, k, causal, key_padding_mask)
     rounds = []
     for r in range(n_hashes):
         rows = round_projection(projection, r, n_hashes)
         if hashing == "smyrf" and not causal:  # balanced: exactly `chunk` keys per query, across bucket edges
-            tiles = sorted_tiles(*(balanced_code(x, rows) for x in (q, k)), None, None, chunk, causal,
-                                 key_padding_mask)
+            rounds.append(sorted_round(*(balanced_code(x, rows) for x in (q, k)), None, None, chunk, causal,
+                                       key_padding_mask))
         else:
             if hashing == "smyrf":  # causal: angular buckets of the transform (the rows after the balanced one)
                 rows = rows[1:] if rows.shape[0] > 1 else None
-            tiles = bucket_tiles(hash_buckets(q, rows), hash_buckets(k, rows), chunk, causal, key_padding_mask)
-        for earlier in rounds:
-            tiles.allowed &= ~earlier.holds(tiles)
-        rounds.append(tiles)
+            rounds.append(bucket_round(hash_buckets(q, rows), hash_buckets(k, rows), chunk, causal,
+                                       key_padding_mask))
     return rounds
+
+
+def round_tiles(rounds: list[SortedRound], r: int, lo: int = 0, hi: int | None = None) -> BucketTiles:
+    """Round r's tiles of blocks [lo, hi), each pair in one round only (the earliest that holds it)."""
+    tiles = rounds[r].tiles(lo, hi)
+    for earlier in rounds[:r]:
+        tiles.allowed &= ~earlier.holds(tiles)
+    return tiles
+
+
+def hash_rounds(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor | None, chunk: int, causal: bool,
+                key_padding_mask: torch.Tensor | None, hashing: str = "angular",
+                n_hashes: int = 1) -> list[BucketTiles]:
+    """The tiles of every hash round (all blocks), each pair in one round only (the earliest that holds it)."""
+    rounds = sorted_rounds(q, k, projection, chunk, causal, key_padding_mask, hashing, n_hashes)
+    return [round_tiles(rounds, r) for r in range(len(rounds))]
 
 
 @dataclass
 class BucketTiles:
-    """Which (query block, key tile) products cover every query's bucket chunk, over G = batch * heads groups.
+    """Which (query block, key tile) products cover the bucket chunks of some blocks of sorted queries.
 
-    Rows index the flattened (G * q_len) queries and (G * k_len) keys. Query slots are the
-    queries sorted by (group, bucket, position), in NB blocks of B (the last block padded).
+    Rows index the flattened (G * q_len) queries and (G * k_len) keys, over G = batch * heads groups.
+    Query slots are the queries sorted by (group, bucket, position), in blocks of B (the last block of a
+    group padded); these tiles cover the round's blocks [lo, hi) (`SortedRound.tiles`).
     """
 
     q_rows: torch.Tensor  # (NB, B): query row of each slot (padding slots repeat a real row)
     q_pos: torch.Tensor  # (NB, B): its position
     own_rows: torch.Tensor  # (NB, B): the key row at the query's own position
-    unsort: torch.Tensor  # (G * q_len,): the slot (into NB * B) of each query row
-    pair_block: torch.Tensor  # (P,): the query block of each pair
+    real: torch.Tensor  # (NB, B): a real query, not padding
+    pair_block: torch.Tensor  # (P,): the query block of each pair (0 = block lo)
     k_rows: torch.Tensor  # (P, T): key rows of each pair's tile
     k_pos: torch.Tensor  # (P, T): their positions
     allowed: torch.Tensor  # (P, B, T): key in the query's chunk, same bucket, not its own position, real
+    round: SortedRound
+
+    @property
+    def unsort(self) -> torch.Tensor:
+        """(G * q_len,): the slot of each query row (tiles of all the round's blocks only)."""
+        return self.round.unsort
+
+    def holds(self, other: BucketTiles) -> torch.Tensor:
+        """(P', B', T') bool: which pairs of `other`'s tiles (same queries and keys) this round's support holds."""
+        return self.round.holds(other)
+
+
+@dataclass
+class SortedRound:
+    """One hash round's order, O(n) indices: the keys and queries sorted by code, each query's chunk
+    [first, first + chunk) of sorted keys; `tiles(lo, hi)` gives the products for blocks [lo, hi)."""
+
+    groups: int
+    q_len: int
+    k_len: int
+    chunk: int
+    block: int  # B: sorted queries per block
+    n_blocks: int  # per group
+    q_rows: torch.Tensor  # (NB, B), NB = groups * n_blocks
+    q_pos: torch.Tensor  # (NB, B)
+    real_slot: torch.Tensor  # (NB, B)
+    slot_first: torch.Tensor  # (NB, B): the first sorted key slot of each slot's chunk
+    slot_bucket: torch.Tensor  # (NB, B)
+    key_order: torch.Tensor  # (G * k_len,): the key (within its group) at each sorted slot
+    k_bucket_sorted: torch.Tensor  # (G * k_len,)
+    key_real: torch.Tensor | None  # (G * k_len,) bool: not a padding key (None: no padding)
     # To ask whether a (query, key) pair is in this round's support (rounds count each pair once):
     first_of: torch.Tensor  # (G * q_len,): the first sorted key slot of each query row's chunk
     slot_of_key: torch.Tensor  # (G * k_len,): each key row's slot in the sorted keys
     q_label: torch.Tensor  # (G * q_len,): each query row's bucket (0 for balanced rounds)
     k_label: torch.Tensor  # (G * k_len,): each key row's bucket
-    chunk: int
+
+    @property
+    def total_blocks(self) -> int:
+        return self.q_rows.shape[0]
+
+    @cached_property
+    def unsort(self) -> torch.Tensor:
+        """(G * q_len,): the slot (into NB * B) of each query row."""
+        slot_of = torch.empty(self.groups * self.q_len, dtype=torch.long, device=self.q_rows.device)
+        slot_ids = torch.arange(self.q_rows.numel(), device=self.q_rows.device).view_as(self.q_rows)
+        slot_of[self.q_rows[self.real_slot]] = slot_ids[self.real_slot]
+        return slot_of
 
     def holds(self, other: BucketTiles) -> torch.Tensor:
         """(P', B', T') bool: which pairs of `other`'s tiles (same queries and keys) this round's support holds."""
@@ -144,11 +204,52 @@ class BucketTiles:
         return ((slot >= first) & (slot < first + self.chunk) & (self.q_label[q_rows] == self.k_label[k_rows])
                 & (other.k_pos[:, None, :] != other.q_pos[other.pair_block][:, :, None]))
 
+    @torch.no_grad()
+    def tiles(self, lo: int = 0, hi: int | None = None) -> BucketTiles:
+        """The (query block, key tile) products of blocks [lo, hi) (all by default)."""
+        hi = self.total_blocks if hi is None else hi
+        k_len, chunk, dev = self.k_len, self.chunk, self.q_rows.device
+        slot_first = self.slot_first[lo:hi]
+        group_of_block = torch.arange(lo, hi, device=dev) // self.n_blocks  # (nb,)
+        # Key tiles of `chunk` sorted keys that each query block reaches (monotone chunks: a contiguous range).
+        tile = max(1, min(chunk, k_len))
+        reach_lo = slot_first[:, 0].clamp(0, k_len - 1)
+        reach_hi = (slot_first[:, -1] + chunk).clamp(1, k_len)
+        tile_lo = reach_lo // tile
+        n_tiles = (torch.maximum((reach_hi - 1) // tile, tile_lo) - tile_lo + 1)  # (nb,)
+        pair_block = torch.arange(hi - lo, device=dev).repeat_interleave(n_tiles)  # (P,)
+        starts = torch.cumsum(n_tiles, 0) - n_tiles
+        tile_idx = tile_lo[pair_block] + torch.arange(pair_block.numel(), device=dev) - starts[pair_block]
+        k_slot = tile_idx[:, None] * tile + torch.arange(tile, device=dev)  # (P, T) into the sorted keys
+        inside = k_slot < k_len
+        k_slot = k_slot.clamp_max(k_len - 1)
+        sorted_at = group_of_block[pair_block][:, None] * k_len + k_slot
+        k_pos = self.key_order[sorted_at]  # (P, T)
+        k_bucket = self.k_bucket_sorted[sorted_at]
+        q_pos, real = self.q_pos[lo:hi], self.real_slot[lo:hi]
+
+        pq_first = slot_first[pair_block][:, :, None]  # (P, B, 1)
+        allowed = (inside[:, None, :] & (k_slot[:, None, :] >= pq_first) & (k_slot[:, None, :] < pq_first + chunk)
+                   & (k_bucket[:, None, :] == self.slot_bucket[lo:hi][pair_block][:, :, None])
+                   & (k_pos[:, None, :] != q_pos[pair_block][:, :, None]) & real[pair_block][:, :, None])
+        k_rows = group_of_block[pair_block][:, None] * k_len + k_pos
+        if self.key_real is not None:
+            allowed &= self.key_real[k_rows][:, None, :]
+        own_rows = group_of_block[:, None] * k_len + q_pos
+        return BucketTiles(self.q_rows[lo:hi], q_pos, own_rows, real, pair_block, k_rows, k_pos, allowed, self)
+
 
 @torch.no_grad()
 def bucket_tiles(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, causal: bool,
                  key_padding_mask: torch.Tensor | None = None) -> BucketTiles:
-    """The tiles for buckets q (b, h, q_len), k (b, h, k_len); the queries are the last q_len positions.
+    """The tiles for buckets q (b, h, q_len), k (b, h, k_len); the queries are the last q_len positions."""
+    return bucket_round(q_buckets, k_buckets, chunk, causal, key_padding_mask).tiles()
+
+
+@torch.no_grad()
+def bucket_round(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, causal: bool,
+                 key_padding_mask: torch.Tensor | None = None) -> SortedRound:
+    """The round for buckets q (b, h, q_len), k (b, h, k_len); the queries are the last q_len positions.
 
     A query at position p in bucket u takes the `chunk` keys of bucket u sorted just before (u, p)
     when causal, or around it (shifted to stay inside the bucket) otherwise.
@@ -157,14 +258,22 @@ def bucket_tiles(q_buckets: torch.Tensor, k_buckets: torch.Tensor, chunk: int, c
     dev = k_buckets.device
     q_code = q_buckets * k_len + torch.arange(k_len - q_buckets.shape[-1], k_len, device=dev)
     k_code = k_buckets * k_len + torch.arange(k_len, device=dev)
-    return sorted_tiles(q_code, k_code, q_buckets, k_buckets, chunk, causal, key_padding_mask)
+    return sorted_round(q_code, k_code, q_buckets, k_buckets, chunk, causal, key_padding_mask)
 
 
 @torch.no_grad()
 def sorted_tiles(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Tensor | None,
                  k_buckets: torch.Tensor | None, chunk: int, causal: bool,
                  key_padding_mask: torch.Tensor | None = None) -> BucketTiles:
-    """The tiles where keys and queries are sorted by a code (b, h, len) and a query's chunk is `chunk` keys
+    """All the tiles of `sorted_round` (one product per pair of every block)."""
+    return sorted_round(q_code, k_code, q_buckets, k_buckets, chunk, causal, key_padding_mask).tiles()
+
+
+@torch.no_grad()
+def sorted_round(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Tensor | None,
+                 k_buckets: torch.Tensor | None, chunk: int, causal: bool,
+                 key_padding_mask: torch.Tensor | None = None) -> SortedRound:
+    """The round where keys and queries are sorted by a code (b, h, len) and a query's chunk is `chunk` keys
     next to its own code: of its bucket (buckets given: code = bucket * k_len + position) or of all keys
     (buckets None: a balanced round, non-causal, exactly min(chunk, k_len) keys per query)."""
     b, h, q_len = q_code.shape
@@ -183,12 +292,15 @@ def sorted_tiles(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Te
     q_bucket_sorted = q_buckets.gather(1, q_order)
     k_bucket_sorted = k_buckets.gather(1, key_order)
     insert = torch.searchsorted(key_code, q_code)  # keys sorted before the query
+    del key_code, q_code
     if causal:
         first = insert - chunk
     else:  # around the query, shifted to stay inside its bucket's run of sorted keys
         lo = torch.searchsorted(k_bucket_sorted, q_bucket_sorted)  # its bucket's first key
         hi = torch.searchsorted(k_bucket_sorted, q_bucket_sorted, right=True)
         first = torch.maximum(torch.minimum(insert - chunk // 2, hi - chunk).clamp_min(0), lo)
+        del lo, hi
+    del insert
 
     # Query blocks of B sorted queries; padding slots repeat the block's last real query.
     block = max(1, min(chunk, q_len))
@@ -200,49 +312,22 @@ def sorted_tiles(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Te
         return x.reshape(groups * n_blocks, block)  # (NB, B)
 
     q_local = blocks(q_order)  # query index within its group
-    slot_first, slot_bucket = blocks(first), blocks(q_bucket_sorted)
     group_of_block = torch.arange(groups, device=dev).repeat_interleave(n_blocks)  # (NB,)
     q_rows = group_of_block[:, None] * q_len + q_local
     q_pos = q_local + (k_len - q_len)
-    own_rows = group_of_block[:, None] * k_len + q_pos
-
-    # Key tiles of `chunk` sorted keys that each query block reaches (monotone chunks: a contiguous range).
-    tile = max(1, min(chunk, k_len))
-    reach_lo = slot_first[:, 0].clamp(0, k_len - 1)
-    reach_hi = (slot_first[:, -1] + chunk).clamp(1, k_len)
-    tile_lo = reach_lo // tile
-    n_tiles = (torch.maximum((reach_hi - 1) // tile, tile_lo) - tile_lo + 1)  # (NB,)
-    pair_block = torch.arange(groups * n_blocks, device=dev).repeat_interleave(n_tiles)  # (P,)
-    starts = torch.cumsum(n_tiles, 0) - n_tiles
-    tile_idx = tile_lo[pair_block] + torch.arange(pair_block.numel(), device=dev) - starts[pair_block]
-    k_slot = tile_idx[:, None] * tile + torch.arange(tile, device=dev)  # (P, T) into the sorted keys
-    inside = k_slot < k_len
-    k_slot = k_slot.clamp_max(k_len - 1)
-    pair_group = group_of_block[pair_block][:, None]
-    k_pos = key_order.flatten()[pair_group * k_len + k_slot]  # (P, T)
-    k_bucket = k_bucket_sorted.flatten()[pair_group * k_len + k_slot]
-
-    pq_first = slot_first[pair_block][:, :, None]  # (P, B, 1)
-    allowed = (inside[:, None, :] & (k_slot[:, None, :] >= pq_first) & (k_slot[:, None, :] < pq_first + chunk)
-               & (k_bucket[:, None, :] == slot_bucket[pair_block][:, :, None])
-               & (k_pos[:, None, :] != q_pos[pair_block][:, :, None]))
     real_slot = (torch.arange(n_blocks * block, device=dev) < q_len).view(n_blocks, block).repeat(groups, 1)
-    allowed &= real_slot[pair_block][:, :, None]
+    key_real = None
     if key_padding_mask is not None:
-        real = key_padding_mask.bool()[:, None, :].expand(b, h, k_len).reshape(groups * k_len)
-        allowed &= real[pair_group * k_len + k_pos][:, None, :]
+        key_real = key_padding_mask.bool()[:, None, :].expand(b, h, k_len).reshape(groups * k_len)
 
-    slot_of = torch.empty(groups * q_len, dtype=torch.long, device=dev)
-    slot_ids = torch.arange(groups * n_blocks * block, device=dev).view(-1, block)
-    real_rows = q_rows[real_slot]
-    slot_of[real_rows] = slot_ids[real_slot]
     row_offsets = torch.arange(groups, device=dev)[:, None]
     first_of = torch.empty(groups * q_len, dtype=torch.long, device=dev)
     first_of[(row_offsets * q_len + q_order).flatten()] = first.flatten()
     slot_of_key = torch.empty(groups * k_len, dtype=torch.long, device=dev)
     slot_of_key[(row_offsets * k_len + key_order).flatten()] = torch.arange(k_len, device=dev).repeat(groups)
-    return BucketTiles(q_rows, q_pos, own_rows, slot_of, pair_block, pair_group * k_len + k_pos, k_pos, allowed,
-                       first_of, slot_of_key, q_buckets.flatten(), k_buckets.flatten(), chunk)
+    return SortedRound(groups, q_len, k_len, chunk, block, n_blocks, q_rows, q_pos, real_slot, blocks(first),
+                       blocks(q_bucket_sorted), key_order.flatten(), k_bucket_sorted.flatten(), key_real, first_of,
+                       slot_of_key, q_buckets.flatten(), k_buckets.flatten())
 
 
 def round_max(tiles: BucketTiles, pair_logits: torch.Tensor) -> torch.Tensor:
@@ -253,6 +338,55 @@ def round_max(tiles: BucketTiles, pair_logits: torch.Tensor) -> torch.Tensor:
                                      + torch.arange(tiles.q_rows.shape[1], device=top.device)).flatten(),
                                  top.flatten(), reduce="amax")
     return slots[tiles.unsort]
+
+
+def attend_in_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounds: list[SortedRound],
+                     rows: int | None = None) -> torch.Tensor:
+    """Softmax attention over the rounds' chunks plus each query's own position, without autograd, a group of
+    about `rows` sorted queries (INFERENCE_GROUP_ROWS) at a time: only one group's products are alive, merged
+    into each query's running (max, weighted sum, normaliser) as in flash attention; the sum becomes the output
+    in place (peak memory: the output plus the rounds' O(n) indices plus one group's scratch, issue 18)."""
+    b, h, q_len, d = q.shape
+    k_len = k.shape[-2]
+    with torch.autocast(q.device.type, enabled=False):
+        qf, kf, vf = (x.float().reshape(-1, d) for x in (q, k, v))
+        scale = 1 / math.sqrt(d)
+        top = torch.full((b * h * q_len,), float("-inf"), device=q.device)  # (rows,): each query's running max
+        acc = torch.zeros(b * h * q_len, d, device=q.device)  # its weighted sum of values: then the output
+        den = torch.zeros_like(top)  # its sum of weights
+        for r, round_ in enumerate(rounds):
+            per_group = max(1, (rows or INFERENCE_GROUP_ROWS) // round_.block)
+            for lo in range(0, round_.total_blocks, per_group):
+                tiles = round_tiles(rounds, r, lo, min(lo + per_group, round_.total_blocks))
+                qs = qf[tiles.q_rows]  # (nb, B, d)
+                logits = (qs[tiles.pair_block] @ kf[tiles.k_rows].transpose(-1, -2)) * scale  # (P, B, T)
+                logits.masked_fill_(~tiles.allowed, float("-inf"))
+                slot_rows = tiles.q_rows
+                slot_ids = (tiles.pair_block[:, None] * slot_rows.shape[1]
+                            + torch.arange(slot_rows.shape[1], device=q.device)).flatten()
+                block_top = torch.full((slot_rows.numel(),), float("-inf"), device=q.device).scatter_reduce_(
+                    0, slot_ids, logits.amax(-1).flatten(), "amax").view(slot_rows.shape)
+                new_top = torch.maximum(top[slot_rows], block_top)  # (nb, B)
+                if r == 0:  # the first round also reads each query's own position (every query is in it once)
+                    own = (qs * kf[tiles.own_rows]).sum(-1) * scale  # (nb, B)
+                    new_top = torch.maximum(new_top, own)
+                logits.sub_(new_top[tiles.pair_block][..., None]).exp_()  # the weights, at the new scale
+                sums = torch.zeros(*slot_rows.shape, d, device=q.device)
+                sums.index_add_(0, tiles.pair_block, logits @ vf[tiles.k_rows])
+                mass = torch.zeros(slot_rows.shape, device=q.device).index_add_(0, tiles.pair_block, logits.sum(-1))
+                if r == 0:
+                    own = torch.exp(own - new_top)
+                    sums += own[..., None] * vf[tiles.own_rows]
+                    mass += own
+                real = tiles.real
+                rows_ = slot_rows[real]  # each query once per round: no duplicate writes
+                new = new_top[real]
+                keep = torch.exp(top[rows_] - new)  # 0 where top was -inf (the first round)
+                acc[rows_] = acc[rows_] * keep[:, None] + sums[real]
+                den[rows_] = den[rows_] * keep + mass[real]
+                top[rows_] = new
+        acc.div_(den.clamp_min(MIN_NORMALISER)[:, None])
+    return acc.view(b, h, q_len, d).to(q.dtype)
 
 
 def lsh_attention(
@@ -274,6 +408,10 @@ def lsh_attention(
     """
     check_qkv(q, k, v)
     k, v = repeat_kv_heads(q, k, v)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not grad and not return_weights:
+        rounds = sorted_rounds(q, k, rotations, chunk, causal, key_padding_mask, hashing, n_hashes)
+        return attend_in_groups(q, k, v, rounds)
     b, h, q_len, d = q.shape
     k_len = k.shape[-2]
     rounds = hash_rounds(q, k, rotations, chunk, causal, key_padding_mask, hashing, n_hashes)

@@ -36,6 +36,9 @@ from layers.attention.lsh import (
 from layers.attention.performer import favor_features, linear_attention, performer_flops_per_token
 from layers.attention.random_projection import RandomProjection
 
+# Causal prefill without autograd (window support only) runs this many positions at a time.
+INFERENCE_GROUP_ROWS = 512
+
 
 class ScatterbrainAttention(nn.Module):
     """Performer with `n_features` features + exact attention on a `window` and/or `lsh_chunk` LSH support.
@@ -81,9 +84,40 @@ class ScatterbrainAttention(nn.Module):
         """q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, k_len, head_dim); queries are the last q_len."""
         check_qkv(q, k, v)
         k, v = repeat_kv_heads(q, k, v)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):  # exp features need float32
+            if causal and not grad and not self.lsh_chunk and self.window and q.shape[-2] == k.shape[-2]:
+                return self._causal_window_in_groups(q, k, v, key_padding_mask)
             out = self._attend(q.float(), k.float(), v.float(), causal, key_padding_mask)
         return out.to(q.dtype)
+
+    def _causal_window_in_groups(self, q, k, v, key_padding_mask):
+        """Causal prefill of a window support without autograd, INFERENCE_GROUP_ROWS positions at a time: the same
+        sums as `_attend`, with a running (m, d + 1) feature state between groups and each group's window keys
+        (the window - 1 keys before it, then its own); only one group's features and scores are alive (issue 18)."""
+        n = q.shape[-2]
+        group = max(self.chunk, INFERENCE_GROUP_ROWS // self.chunk * self.chunk)
+        out = q.new_empty(q.shape)
+        state = None  # sum over the keys before the group of phi(k) [v, 1]^T: (b, h, m, d + 1)
+        for start in range(0, n, group):
+            end, first = min(start + group, n), max(0, start - self.window + 1)
+            qg, kg, vg = q[:, :, start:end].float(), k[:, :, first:end].float(), v[:, :, first:end].float()
+            mask = None if key_padding_mask is None else key_padding_mask[:, first:end]
+            phi_q, stab = favor_features(qg, self.features.weight, is_query=True)
+            phi_k, _ = favor_features(kg, self.features.weight, is_query=False)
+            if mask is not None:
+                phi_k = phi_k * mask[:, None, :, None]
+            v1 = with_ones(vg)
+            support = WindowSupport(qg, kg, self.window, True, mask)  # the queries are the last end - start keys
+            top = torch.maximum(stab, support.top())
+            lr_scale = torch.exp(stab - top)
+            own_k, own_v1 = phi_k[:, :, start - first:], v1[:, :, start - first:]  # the group's own positions
+            acc = linear_attention(phi_q, own_k, own_v1, True, self.chunk, state) * lr_scale
+            acc = acc + support.correction(phi_q * lr_scale, phi_k, v1, top)
+            out[:, :, start:end] = normalise(acc).to(q.dtype)
+            step = own_k.transpose(-1, -2) @ own_v1
+            state = step if state is None else state + step
+        return out
 
     def _attend(self, q, k, v, causal, key_padding_mask):
         phi_q, stab = favor_features(q, self.features.weight, is_query=True)  # (b, h, q_len, m), (b, h, q_len, 1)

@@ -38,7 +38,8 @@ def test_lsh_inference_in_groups_is_softmax_over_its_support(monkeypatch, hashin
     kind = KINDS["lsh"](head_dim=16, n_buckets=4, chunk=8, hashing=hashing, n_hashes=n_hashes).eval()
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 2, 90, 16, generator=g) for _ in range(3))
-    oracle = dense_softmax_on(q, k, v, kind.support(q, k, causal))
+    oracle = dense_softmax_on(q, k, v, kind.support(q, k, causal))  # SMYRF codes of all 90 positions at once
+    monkeypatch.setattr(lsh, "SMYRF_CODE_ROWS", 16)  # from here, SMYRF codes 16 positions at a time
     for rows in (8, 24, 1 << 20):  # one block per group, three blocks, one group
         monkeypatch.setattr(lsh, "INFERENCE_GROUP_ROWS", rows)
         with torch.no_grad():

@@ -4,7 +4,8 @@ Per n (default 16k and 32k), causal, batch 1, --heads heads of dimension 64, fp3
 benchmarks/attention_speed.py, one torch thread. For each kind, its automatic inference path (local: SDPA per
 query block in groups of rows; performer and scatterbrain's window: groups of positions with a running feature
 state; lsh: groups of sorted query blocks merged flash-style) and the one-pass form it replaced (local:
-`local_attention_reference`; the others: INFERENCE_GROUP_ROWS above n, one group); dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call (torch.profiler's
+`local_attention_reference`; performer, scatterbrain: INFERENCE_GROUP_ROWS above n, one group; lsh: its autograd
+form, every tile at once); dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call (torch.profiler's
 allocator total, as attention_speed.py measures it), the median CPU time of interleaved rounds (the ratio
 of the grouped path to the one-pass form is its time cost), and the peak of one forward + backward
 (training) beside it.
@@ -32,7 +33,8 @@ from layers.attention import KINDS, local, lsh, performer, scatterbrain  # noqa:
 
 
 class OnePass:
-    """Context: the kinds' one-pass inference forms (local's reference; performer, lsh, scatterbrain in one group)."""
+    """Context: the kinds' one-pass inference forms: local's reference, performer and scatterbrain in one group,
+    lsh's autograd form (all tiles at once, as before issue 18)."""
 
     GROUPED = (performer, lsh, scatterbrain)
 
@@ -41,6 +43,7 @@ class OnePass:
         local.kernels.local_attention_path = lambda q, mask: "reference"
         for m in self.GROUPED:
             m.INFERENCE_GROUP_ROWS = 1 << 40
+        lsh.INFERENCE_GROUP_ROWS = 0  # lsh: the autograd form, the one that ran before
 
     def __exit__(self, *exc):
         local.kernels.local_attention_path, rows = self.saved

@@ -142,10 +142,26 @@ def moe_k_claims(protocol: Protocol, ledger: ChainLedger, own: Ledger, work: Pat
 
 
 def sae_rows(path: Path) -> list[dict]:
-    """Rows of benchmarks/sae_regime.py's JSON: anything with claim/mean/low/high/verdict."""
+    """The claims of benchmarks/sae_regime.py's JSON as rows of the table: the paired FVU difference (first - second,
+    over seeds), with the FVU ratio and its interval in the outcome (rows already in the table's form pass as
+    they are)."""
     data = json.loads(path.read_text())
-    rows = data.get("claims") or data.get("verdicts") or []
-    return [r for r in rows if {"claim", "mean", "low", "high"} <= set(r)]
+    rows = []
+    for r in data.get("claims") or data.get("verdicts") or []:
+        if {"claim", "mean", "low", "high"} <= set(r):
+            rows.append(r)
+            continue
+        if "diff" not in r:
+            continue
+        d = r["diff"]
+        ratio = (f"FVU ratio {r['ratio_mean']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
+                 if "ratio_mean" in r else "")
+        outcome = {"better": "first better", "worse": "first worse"}.get(r.get("verdict"), "not resolved")
+        rows.append({"claim": r["claim"], "source": r.get("earlier", "benchmarks/sae_regime.py"), "mean": d["mean"],
+                     "low": d["low"], "high": d["high"], "p": d.get("p"), "n": d.get("n", r.get("n")),
+                     "unit": "FVU", "verdict": r.get("verdict", ""),
+                     "outcome": f"{outcome}: {ratio}" if ratio else outcome})
+    return rows
 
 
 def markdown(rows: list[dict], settings: dict, missing: list[str]) -> str:

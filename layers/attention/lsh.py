@@ -445,7 +445,7 @@ def lsh_attention(
     check_qkv(q, k, v)
     k, v = repeat_kv_heads(q, k, v)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not grad and not return_weights:
+    if not grad and not return_weights and INFERENCE_GROUP_ROWS:  # 0: the one-pass form below (benchmarks)
         rounds = sorted_rounds(q, k, rotations, chunk, causal, key_padding_mask, hashing, n_hashes)
         return attend_in_groups(q, k, v, rounds)
     b, h, q_len, d = q.shape

@@ -84,3 +84,21 @@ def test_an_empty_frontier_is_a_clear_error(tmp_path):
     (tmp_path / "f").mkdir()
     with pytest.raises(SystemExit, match="zoo frontier"):
         _claims().main(["--frontier", str(tmp_path / "f"), "--out", str(tmp_path / "c"), "--no-train"])
+
+
+def test_sae_regime_claims_join_the_table_with_their_interval_and_ratio(tmp_path):
+    claims = _claims()
+    record = {"claim": "HierarchicalTopK at k=8 vs TopK trained at k=8", "earlier": "issue 7", "n": 5,
+              "diff": {"n": 5, "mean": 0.023, "low": 0.0218, "high": 0.0241, "p": 1e-6}, "verdict": "worse",
+              "ratio_mean": 1.2266, "ratio_low": 1.2137, "ratio_high": 1.2396}
+    unresolved = {**record, "claim": "at k=16", "diff": {"n": 3, "mean": -0.001, "low": -0.004, "high": 0.002,
+                                                          "p": 0.4}, "verdict": "no resolved difference"}
+    path = tmp_path / "sae_regime.json"
+    path.write_text(json.dumps({"claims": [record, unresolved, {"claim": "no numbers"}]}))
+    rows = claims.sae_rows(path)
+    assert [r["claim"] for r in rows] == [record["claim"], "at k=16"]
+    assert (rows[0]["mean"], rows[0]["low"], rows[0]["high"], rows[0]["n"]) == (0.023, 0.0218, 0.0241, 5)
+    assert rows[0]["outcome"] == "first worse: FVU ratio 1.227 [1.214, 1.240]"
+    assert rows[1]["outcome"].startswith("not resolved") and rows[1]["n"] == 3
+    table = claims.markdown(rows, {"steps": 1, "batch_size": 1, "seq_len": 1, "lrs": [1e-3], "seeds": [0]}, [])
+    assert "+0.0230 [+0.0218, +0.0241] FVU" in table

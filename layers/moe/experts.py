@@ -121,22 +121,23 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
     def forward(ctx, x, weights, w_gate, w_up, w_down, plan: DispatchPlan, save: bool):
         bounds = _expert_bounds(plan)
         n_rows, width = plan.num_rows, w_gate.shape[1]
-        gate_up = x.new_empty(n_rows, 2 * width) if save else None  # [gate | up] pre-activations of each row
+        gate = x.new_empty(n_rows, width) if save else None
+        up = x.new_empty(n_rows, width) if save else None
         y = x.new_empty(n_rows, x.shape[1])  # expert outputs, before the routing weights
         for e, s, t in bounds:
             xe = x.index_select(0, plan.row_token[s:t])
-            w_gu = torch.cat([w_gate[e], w_up[e]])  # (2 width, d): one GEMM of twice the width (faster than two)
-            gu = torch.mm(xe, w_gu.t(), out=gate_up[s:t]) if save else xe @ w_gu.t()
-            torch.mm(F.silu(gu[:, :width]).mul_(gu[:, width:]), w_down[e], out=y[s:t])
+            g_e = torch.mm(xe, w_gate[e].t(), out=gate[s:t]) if save else xe @ w_gate[e].t()
+            u_e = torch.mm(xe, w_up[e].t(), out=up[s:t]) if save else xe @ w_up[e].t()
+            torch.mm(F.silu(g_e).mul_(u_e), w_down[e], out=y[s:t])
         if save:
             ctx.plan, ctx.bounds = plan, bounds
-            ctx.save_for_backward(x, weights, w_gate, w_up, w_down, gate_up, y)
+            ctx.save_for_backward(x, weights, w_gate, w_up, w_down, gate, up, y)
         return sum_slots(y, plan, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, w_gate, w_up, w_down, gate_up, y = ctx.saved_tensors
-        plan, width = ctx.plan, w_gate.shape[1]
+        x, weights, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
+        plan = ctx.plan
         grad_out = grad_out.contiguous()
         grad_w_gate, grad_w_up, grad_w_down = grads_w = [torch.empty_like(w) for w in (w_gate, w_up, w_down)]
         idle = sorted(set(range(w_gate.shape[0])) - {e for e, _, _ in ctx.bounds})
@@ -145,24 +146,22 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
         w_rows = torch.cat([weights.flatten(), weights.new_zeros(1)])[plan.row_assignment]  # (R,)
         grad_w_rows = w_rows.new_empty(w_rows.shape)  # d loss / d routing weight of each row
         grad_rows = torch.empty_like(y)  # d loss / d expert input of each row
-        grad_w_gu = w_gate.new_empty(2 * width, w_gate.shape[2])  # one expert's [gate; up] weight gradient
         for e, s, t in ctx.bounds:
             tok = plan.row_token[s:t]
             g_e = grad_out.index_select(0, tok)  # (rows, d): d loss / d out at each row's token
             grad_w_rows[s:t] = torch.linalg.vecdot(g_e, y[s:t])
             g_e.mul_(w_rows[s:t, None])  # d loss / d y
-            gate_e, up_e = gate_up[s:t, :width], gate_up[s:t, width:]
+            gate_e, up_e = gate[s:t], up[s:t]
             silu = F.silu(gate_e)
             act = silu * up_e  # recomputed SwiGLU product
             torch.mm(act.t(), g_e, out=grad_w_down[e])
             grad_act = g_e @ w_down[e].t()  # (rows, width)
-            grad_gu = act.new_empty(t - s, 2 * width)  # [d gate | d up]: one GEMM each way
-            torch.mul(grad_act, silu, out=grad_gu[:, width:])
-            grad_gu[:, :width] = torch.ops.aten.silu_backward(grad_act.mul_(up_e), gate_e)
+            grad_up = torch.mul(grad_act, silu, out=act)
+            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up_e), gate_e, grad_input=silu)
             xe = x.index_select(0, tok)
-            torch.mm(grad_gu.t(), xe, out=grad_w_gu)
-            grad_w_gate[e], grad_w_up[e] = grad_w_gu[:width], grad_w_gu[width:]
-            torch.mm(grad_gu, torch.cat([w_gate[e], w_up[e]]), out=grad_rows[s:t])
+            torch.mm(grad_gate.t(), xe, out=grad_w_gate[e])
+            torch.mm(grad_up.t(), xe, out=grad_w_up[e])
+            torch.mm(grad_gate, w_gate[e], out=grad_rows[s:t]).addmm_(grad_up, w_up[e])
         grad_x = sum_slots(grad_rows, plan)
         grad_weights = w_rows.new_zeros(plan.num_tokens * plan.num_slots)  # dropped / unused slots: 0
         grad_weights[plan.row_assignment] = grad_w_rows

@@ -94,6 +94,10 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed(cfg.device)
+        if self.device.type == "cpu":
+            # Subnormal floats cost x86 CPUs tens of cycles per operation: the tiny LMs' runs at lr 1e-2 (peaked
+            # softmaxes) took 1.5-2.5x the CPU time of other rates until they were flushed to zero (BENCHMARKS.md).
+            torch.set_flush_denormal(True)
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         if cfg.batch_size % self.world:

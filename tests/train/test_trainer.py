@@ -235,3 +235,15 @@ def test_moe_load_statistics_reach_the_metrics_log(tmp_path):
     assert 0 < step["moe_load_entropy"] <= 1 and step["moe_active_experts"] == pytest.approx(2.0)
     loads = step["moe_tokens_per_expert"]  # per layer, over the whole global batch: 4 x 32 tokens, k = 2
     assert len(loads) == 1 and len(loads[0]) == 8 and sum(loads[0]) == 4 * 32 * 2
+
+
+def test_a_cpu_trainer_flushes_subnormal_floats_to_zero(tmp_path):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals (no SSE3)")
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert float(tiny * 1.0) != 0  # subnormals are kept by default
+    try:
+        Trainer(tiny_config(tmp_path, steps=1))
+        assert float(tiny * 1.0) == 0
+    finally:
+        torch.set_flush_denormal(False)

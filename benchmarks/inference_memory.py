@@ -5,8 +5,8 @@ benchmarks/attention_speed.py, one torch thread. For each kind, its automatic in
 query block in groups of rows; performer and scatterbrain's window: groups of positions with a running feature
 state; lsh: groups of sorted query blocks merged flash-style) and the one-pass form it replaced (local:
 `local_attention_reference`; performer, scatterbrain: INFERENCE_GROUP_ROWS above n, one group; lsh: its autograd
-form, every tile at once); dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call (torch.profiler's
-allocator total, as attention_speed.py measures it), the median CPU time of interleaved rounds (the ratio
+form, every tile at once); dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call
+(torch.profiler's allocator total, as attention_speed.py measures it), the median CPU time of interleaved rounds (the ratio
 of the grouped path to the one-pass form is its time cost), and the peak of one forward + backward
 (training) beside it.
 

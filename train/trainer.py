@@ -6,6 +6,7 @@ Read top to bottom: `Trainer.__init__` sets up (distributed, data, model, optimi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -86,6 +87,23 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+@contextlib.contextmanager
+def flushing_subnormals(device: torch.device):
+    """On CPU, subnormal floats flushed to zero inside the block, the process's setting restored after.
+
+    Subnormals cost x86 CPUs tens of cycles per operation: the tiny LMs' runs at lr 1e-2 (peaked softmaxes) took
+    1.5-2.5x the CPU time of other rates until they were flushed (BENCHMARKS.md, the sparsity frontier)."""
+    if device.type != "cpu":
+        yield
+        return
+    was_on = float(torch.tensor([1e-39]) * 1.0) == 0.0  # a subnormal reads as zero: flushing is on already
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
 class Trainer:
     """Trains one zoo model by the settings of a TrainConfig."""
 
@@ -94,10 +112,6 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed(cfg.device)
-        if self.device.type == "cpu":
-            # Subnormal floats cost x86 CPUs tens of cycles per operation: the tiny LMs' runs at lr 1e-2 (peaked
-            # softmaxes) took 1.5-2.5x the CPU time of other rates until they were flushed to zero (BENCHMARKS.md).
-            torch.set_flush_denormal(True)
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         if cfg.batch_size % self.world:
@@ -242,7 +256,8 @@ class Trainer:
         checkpoint and returns {"interrupted": True, "signal": number}; a second one stops at once.
         """
         try:
-            return self._run()
+            with flushing_subnormals(self.device):
+                return self._run()
         finally:
             self.close()
 

@@ -72,7 +72,8 @@ def key_norm_bound(k: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor
 
 
 def transform_keys(k: torch.Tensor, norms: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Keys (b, h, n, d) -> [k, sqrt(M^2 - |k|^2)] / M on the unit sphere of dimension d + 1 (norms, top for these keys)."""
+    """Keys (b, h, n, d) -> [k, sqrt(M^2 - |k|^2)] / M on the unit sphere of dimension d + 1 (norms and M: of
+    these keys)."""
     extra = (1 - (norms / top) ** 2).clamp_min(0).sqrt()  # padding keys (norm set to 0): whatever, never read
     return torch.cat([k.float() / top[..., None], extra[..., None]], dim=-1)
 

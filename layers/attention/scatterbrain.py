@@ -115,8 +115,9 @@ class ScatterbrainAttention(nn.Module):
             acc = linear_attention(phi_q, own_k, own_v1, True, self.chunk, state) * lr_scale
             acc = acc + support.correction(phi_q * lr_scale, phi_k, v1, top)
             out[:, :, start:end] = normalise(acc).to(q.dtype)
-            step = own_k.transpose(-1, -2) @ own_v1
-            state = step if state is None else state + step
+            if end < n:  # the later groups' past
+                step = own_k.transpose(-1, -2) @ own_v1
+                state = step if state is None else state + step
         return out
 
     def _attend(self, q, k, v, causal, key_padding_mask):

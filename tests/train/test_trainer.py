@@ -237,13 +237,15 @@ def test_moe_load_statistics_reach_the_metrics_log(tmp_path):
     assert len(loads) == 1 and len(loads[0]) == 8 and sum(loads[0]) == 4 * 32 * 2
 
 
-def test_a_cpu_trainer_flushes_subnormal_floats_to_zero(tmp_path):
+def test_a_cpu_trainer_flushes_subnormal_floats_while_it_trains_and_restores_the_setting(tmp_path, monkeypatch):
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals (no SSE3)")
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert float(tiny * 1.0) != 0  # subnormals are kept by default
-    try:
-        Trainer(tiny_config(tmp_path, steps=1))
-        assert float(tiny * 1.0) == 0
-    finally:
-        torch.set_flush_denormal(False)
+    seen = []
+    trainer = Trainer(tiny_config(tmp_path, steps=2))
+    step = trainer.step
+    monkeypatch.setattr(trainer, "step", lambda: (seen.append(float(tiny * 1.0)), step())[1])
+    trainer.run()
+    assert seen == [0.0, 0.0]  # flushed during the steps
+    assert float(tiny * 1.0) != 0  # and the process's setting back after the run

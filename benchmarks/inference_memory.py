@@ -6,8 +6,8 @@ query block in groups of rows; performer and scatterbrain's window: groups of po
 state; lsh: groups of sorted query blocks merged flash-style) and the one-pass form it replaced (local:
 `local_attention_reference`; performer, scatterbrain: INFERENCE_GROUP_ROWS above n, one group; lsh: its autograd
 form, every tile at once); dense SDPA beside them. Reported: peak memory above the inputs of one no-grad call
-(torch.profiler's allocator total, as attention_speed.py measures it), the median CPU time of interleaved rounds (the ratio
-of the grouped path to the one-pass form is its time cost), and the peak of one forward + backward
+(torch.profiler's allocator total, as attention_speed.py measures it), the median CPU time of interleaved rounds
+(the ratio of the grouped path to the one-pass form is its time cost), and the peak of one forward + backward
 (training) beside it.
 
     python benchmarks/inference_memory.py --json benchmarks/results/inference_memory.json

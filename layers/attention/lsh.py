@@ -384,7 +384,6 @@ def attend_in_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounds: 
     into each query's running (max, weighted sum, normaliser) as in flash attention; the sum becomes the output
     in place (peak memory: the output plus the rounds' O(n) indices plus one group's scratch, issue 18)."""
     b, h, q_len, d = q.shape
-    k_len = k.shape[-2]
     with torch.autocast(q.device.type, enabled=False):
         qf, kf, vf = (x.float().reshape(-1, d) for x in (q, k, v))
         scale = 1 / math.sqrt(d)

@@ -104,7 +104,7 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
 def _expert_bounds(plan: DispatchPlan) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) of every expert with rows, in the grouped layout (one host sync)."""
     ends = plan.offsets.tolist()
-    return [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends)) if t > s]
+    return [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if t > s]
 
 
 class _FusedSwiGLUExpertsFn(torch.autograd.Function):

@@ -208,10 +208,8 @@ class SortedRound:
     block: int  # B: sorted queries per block
     n_blocks: int  # per group
     q_rows: torch.Tensor  # (NB, B), NB = groups * n_blocks
-    q_pos: torch.Tensor  # (NB, B)
     real_slot: torch.Tensor  # (NB, B)
     slot_first: torch.Tensor  # (NB, B): the first sorted key slot of each slot's chunk
-    slot_bucket: torch.Tensor  # (NB, B)
     key_order: torch.Tensor  # (G * k_len,): the key (within its group) at each sorted slot
     k_bucket_sorted: torch.Tensor  # (G * k_len,)
     key_real: torch.Tensor | None  # (G * k_len,) bool: not a padding key (None: no padding)
@@ -263,17 +261,18 @@ class SortedRound:
         sorted_at = group_of_block[pair_block][:, None] * k_len + k_slot
         k_pos = self.key_order[sorted_at]  # (P, T)
         k_bucket = self.k_bucket_sorted[sorted_at]
-        q_pos, real = self.q_pos[lo:hi], self.real_slot[lo:hi]
+        q_rows, real = self.q_rows[lo:hi], self.real_slot[lo:hi]
+        q_pos = q_rows % self.q_len + (k_len - self.q_len)  # the queries are the last q_len positions
 
         pq_first = slot_first[pair_block][:, :, None]  # (P, B, 1)
         allowed = (inside[:, None, :] & (k_slot[:, None, :] >= pq_first) & (k_slot[:, None, :] < pq_first + chunk)
-                   & (k_bucket[:, None, :] == self.slot_bucket[lo:hi][pair_block][:, :, None])
+                   & (k_bucket[:, None, :] == self.q_label[q_rows][pair_block][:, :, None])
                    & (k_pos[:, None, :] != q_pos[pair_block][:, :, None]) & real[pair_block][:, :, None])
         k_rows = group_of_block[pair_block][:, None] * k_len + k_pos
         if self.key_real is not None:
             allowed &= self.key_real[k_rows][:, None, :]
         own_rows = group_of_block[:, None] * k_len + q_pos
-        return BucketTiles(self.q_rows[lo:hi], q_pos, own_rows, real, pair_block, k_rows, k_pos, allowed, self)
+        return BucketTiles(q_rows, q_pos, own_rows, real, pair_block, k_rows, k_pos, allowed, self)
 
 
 @torch.no_grad()
@@ -326,13 +325,13 @@ def sorted_round(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Te
     # Keys sorted by code; queries too. A query's chunk is [first, first + chunk) in key order.
     key_code, key_order = k_code.sort(-1)  # (G, k_len)
     q_code, q_order = q_code.sort(-1)  # (G, q_len)
-    q_bucket_sorted = q_buckets.gather(1, q_order)
     k_bucket_sorted = k_buckets.gather(1, key_order)
     insert = torch.searchsorted(key_code, q_code)  # keys sorted before the query
     del key_code, q_code
     if causal:
         first = insert - chunk
     else:  # around the query, shifted to stay inside its bucket's run of sorted keys
+        q_bucket_sorted = q_buckets.gather(1, q_order)
         lo = torch.searchsorted(k_bucket_sorted, q_bucket_sorted)  # its bucket's first key
         hi = torch.searchsorted(k_bucket_sorted, q_bucket_sorted, right=True)
         first = torch.maximum(torch.minimum(insert - chunk // 2, hi - chunk).clamp_min(0), lo)
@@ -351,7 +350,6 @@ def sorted_round(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Te
     q_local = blocks(q_order)  # query index within its group
     group_of_block = torch.arange(groups, device=dev).repeat_interleave(n_blocks)  # (NB,)
     q_rows = group_of_block[:, None] * q_len + q_local
-    q_pos = q_local + (k_len - q_len)
     real_slot = (torch.arange(n_blocks * block, device=dev) < q_len).view(n_blocks, block).repeat(groups, 1)
     key_real = None
     if key_padding_mask is not None:
@@ -362,8 +360,8 @@ def sorted_round(q_code: torch.Tensor, k_code: torch.Tensor, q_buckets: torch.Te
     first_of[(row_offsets * q_len + q_order).flatten()] = first.flatten()
     slot_of_key = torch.empty(groups * k_len, dtype=torch.long, device=dev)
     slot_of_key[(row_offsets * k_len + key_order).flatten()] = torch.arange(k_len, device=dev).repeat(groups)
-    return SortedRound(groups, q_len, k_len, chunk, block, n_blocks, q_rows, q_pos, real_slot, blocks(first),
-                       blocks(q_bucket_sorted), key_order.flatten(), k_bucket_sorted.flatten(), key_real, first_of,
+    return SortedRound(groups, q_len, k_len, chunk, block, n_blocks, q_rows, real_slot, blocks(first),
+                       key_order.flatten(), k_bucket_sorted.flatten(), key_real, first_of,
                        slot_of_key, q_buckets.flatten(), k_buckets.flatten())
 
 

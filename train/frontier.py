@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="FAMILY",
                    help=f"families to train (default all: {' '.join(FAMILIES)}); dense is always trained")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per family (default 5)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
-                   help="learning rates of the sweep at seed 0 (default 1e-3 3e-3 1e-2)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
+                   help="learning rates of the sweep at seed 0 (default 3e-4 1e-3 3e-3)")
+    p.add_argument("--extend-edges", type=int, default=2, metavar="N",
+                   help="while a family's best rate is the smallest or largest tried, try up to N more rates beyond "
+                        "it on the 1-3-10 ladder (default 2; 0: the grid only)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -247,6 +250,7 @@ def summarise(results: dict[str, dict], comparisons: dict[str, dict]) -> list[di
     for family, r in results.items():
         runs = r["runs"]
         rows.append({"family": family, "model": runs[0]["spec"]["model"], "lr": r["lr"], "sweep": r["sweep"],
+                     "lr_at_edge": bool(r.get("at_edge")),
                      "seeds": len(runs), "report_loss": _mean([x["report_loss"] for x in runs]),
                      "report_losses": [x["report_loss"] for x in runs],
                      "flops_per_token": runs[0]["active_flops_per_token"],
@@ -265,7 +269,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _family_cells(r: dict) -> list[str]:
     v = r["vs_dense"]
-    return [r["family"], f"`{r['model']}`", f"{r['lr']:g}", f"{r['report_loss']:.4f}",
+    lr = f"{r['lr']:g}" + (" (edge)" if r.get("lr_at_edge") else "")
+    return [r["family"], f"`{r['model']}`", lr, f"{r['report_loss']:.4f}",
             "-" if v is None else f"{v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]",
             "-" if v is None or math.isnan(v["p"]) else f"{v['p']:.3f}", "-" if v is None else v["verdict"],
             f"{r['flops_per_token'] / 1e6:.2f}M", f"{r['active_params'] / 1e6:.2f}M / {r['total_params'] / 1e6:.2f}M",
@@ -276,7 +281,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"Frontier at `{s['size']}`: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens per run "
              f"({s['tokens_per_run']:,} tokens), data {', '.join(Path(d).name for d in s['data'])}, lr chosen from "
-             f"{s['lrs']} at seed 0 on the selection half, seeds 0..{s['seeds'] - 1}; loss on the report half "
+             f"{s['lrs']} (+ up to {s.get('extend_edges', 0)} rates beyond an edge; \"(edge)\": still the smallest or "
+             f"largest tried) at seed 0 on the selection half, seeds 0..{s['seeds'] - 1}; loss on the report half "
              f"({s['eval_blocks'] or 'all'} blocks), nats per byte token. {report['machine']}.", ""]
     lines += _table(["family", "model", "lr", "report loss (mean)", "vs dense: mean [95% CI]", "p", "verdict",
                      "active FLOPs/token (fwd)", "active / total params", "tokens/s", "s/run"],
@@ -381,12 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         ledger = ReadOnlyLedger(ledger)
     protocol = Protocol(ledger=ledger, work=out / "lm", seeds=tuple(range(args.seeds)), lrs=tuple(args.lrs),
+                        extend=args.extend_edges,
                         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, data=tuple(args.data),
                         warmup_steps=args.warmup_steps if args.warmup_steps is not None else args.steps // 10,
                         eval_blocks=args.eval_blocks, progress=_say)
     planned = protocol.planned_runs(len(families))
     _say(f"{len(families)} families x ({len(args.lrs)} learning rates + {args.seeds - 1} more seed(s)) = {planned} "
-         f"training runs of {args.steps * args.batch_size * args.seq_len:,} tokens; ledger {ledger.path} holds "
+         f"training runs (+ up to {args.extend_edges} per family beyond a grid edge) of "
+         f"{args.steps * args.batch_size * args.seq_len:,} tokens; ledger {ledger.path} holds "
          f"{len(ledger.runs)} finished runs")
     data = load_token_data(args.data, seq_len=args.seq_len)  # tokenized once, before any run
     results: dict[str, dict] = {}

@@ -294,6 +294,7 @@ class Protocol:
     data: tuple[str, ...] | None = None
     warmup_steps: int = 30
     eval_blocks: int = 0
+    extend: int = 0  # at most this many more rates beyond the grid's edge while the best rate is at an edge
     progress: Callable[[str], None] = print
     runner: Callable[[RunSpec, Path, bool], dict] = field(default=lambda spec, work, keep: train_run(spec, work, keep))
     done: int = 0
@@ -305,6 +306,7 @@ class Protocol:
                        warmup_steps=self.warmup_steps, eval_blocks=self.eval_blocks)
 
     def planned_runs(self, n_models: int) -> int:
+        """Runs without edge extensions (each extension adds one run to its model)."""
         return n_models * (len(self.lrs) + len(self.seeds) - 1)
 
     def _run(self, spec: RunSpec, keep: bool) -> dict:
@@ -318,16 +320,38 @@ class Protocol:
         return record
 
     def model(self, model: str, overrides: dict | None = None) -> dict:
-        """Sweep, choose, run the seeds: {"lr": chosen, "sweep": {lr: select_loss}, "runs": [record per seed]}."""
+        """Sweep, choose, run the seeds: {"lr": chosen, "sweep": {lr: select_loss}, "runs": [record per seed],
+        "at_edge": whether the chosen rate is still the smallest or largest one tried}.
+
+        While the best rate of the sweep is its smallest or largest, up to `extend` more rates are tried
+        beyond it, one step of the 1-3-10 ladder at a time (1e-3 -> 3e-4, 3e-3 -> 1e-2)."""
         first, rest = self.seeds[0], self.seeds[1:]
         sweep = {lr: self._run(self.spec(model, lr, first, overrides), keep=True) for lr in self.lrs}
-        lr = min(self.lrs, key=lambda x: sweep[x]["select_loss"])
-        for x in self.lrs:  # only the chosen rate's checkpoint is used later (the training-free frontier)
+
+        def best() -> float:
+            return min(sweep, key=lambda x: sweep[x]["select_loss"])
+
+        for _ in range(self.extend):
+            lr = best()
+            if len(sweep) < 2 or min(sweep) < lr < max(sweep):
+                break
+            beyond = next_rate(lr, up=lr == max(sweep))
+            self.progress(f"{model}: the best rate {lr:g} is at the edge of {sorted(sweep)}; trying {beyond:g}")
+            sweep[beyond] = self._run(self.spec(model, beyond, first, overrides), keep=True)
+        lr = best()
+        for x in sweep:  # only the chosen rate's checkpoint is used later (the training-free frontier)
             final = sweep[x].get("final")
             if x != lr and final and Path(final).is_dir():
                 shutil.rmtree(Path(final).parent, ignore_errors=True)
         runs = [sweep[lr]] + [self._run(self.spec(model, lr, seed, overrides), keep=False) for seed in rest]
-        return {"lr": lr, "sweep": {str(x): sweep[x]["select_loss"] for x in self.lrs}, "runs": runs}
+        return {"lr": lr, "sweep": {str(x): sweep[x]["select_loss"] for x in sorted(sweep)}, "runs": runs,
+                "at_edge": len(sweep) > 1 and lr in (min(sweep), max(sweep))}
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The next learning rate of the 1-3-10 ladder (half decades, one significant digit) above or below `lr`."""
+    rung = round(2 * math.log10(lr)) + (1 if up else -1)
+    return float(f"{10 ** (rung / 2):.1g}")
 
 
 def compare(results: dict[str, dict], baseline: str, confidence: float = 0.95) -> dict[str, dict]:

@@ -12,7 +12,8 @@ from zoo import load
 from zoo.cli import main as zoo_main
 
 SMOKE = ["--families", "dense", "moe", "moe-topp", "local", "--seeds", "2", "--lrs", "3e-3", "1e-2",
-         "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--set", "d_model=32", "--set", "n_layers=1",
+         "--extend-edges", "0", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--set", "d_model=32",
+         "--set", "n_layers=1",
          "--set", "n_heads=2", "--eval-blocks", "4", "--sae-steps", "2", "--sae-width", "64",
          "--data", str(BUNDLED_CORPUS), "--no-plots"]
 

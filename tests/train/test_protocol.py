@@ -158,3 +158,29 @@ def test_a_ledger_key_names_bundled_data_relative_to_the_checkout(tmp_path):
     other = P.RunSpec(model="m", lr=1e-3, seed=0, steps=5, batch_size=2, seq_len=8, data=(str(outside),))
     assert str(outside) in other.key()  # data outside the checkout keeps its path
     assert here.key() != other.key()
+
+
+def test_next_rate_walks_the_one_three_ten_ladder():
+    assert [P.next_rate(x, up=True) for x in (1e-3, 3e-3, 1e-2, 3e-4)] == [3e-3, 1e-2, 3e-2, 1e-3]
+    assert [P.next_rate(x, up=False) for x in (1e-3, 3e-3, 1e-2)] == [3e-4, 1e-3, 3e-3]
+
+
+def test_a_best_rate_at_an_edge_extends_the_sweep_beyond_it_until_it_is_inside(tmp_path):
+    # the selection loss falls until 3e-2 and rises after it: the grid's largest rate 1e-2 is an edge
+    loss = {1e-3: 3.0, 3e-3: 2.0, 1e-2: 1.5, 3e-2: 1.2, 1e-1: 1.4, 3e-1: 9.0}
+    runner = FakeRunner(select=lambda s: loss[s.lr], report=lambda s: 1.0)
+    result = protocol(tmp_path, runner, extend=3).model("m")
+    assert result["lr"] == 3e-2 and not result["at_edge"]
+    assert [c[1] for c in runner.calls[:5]] == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # stopped once 3e-2 was inside
+    assert sorted(float(x) for x in result["sweep"]) == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    assert [(c[1], c[2]) for c in runner.calls[5:]] == [(3e-2, 1), (3e-2, 2)]
+
+
+def test_the_extension_stops_at_its_limit_and_says_the_rate_is_still_at_the_edge(tmp_path):
+    runner = FakeRunner(select=lambda s: s.lr, report=lambda s: 1.0)  # the smaller the better, without end
+    result = protocol(tmp_path, runner, extend=1).model("m")
+    assert result["lr"] == 3e-4 and result["at_edge"]
+    assert [c[1] for c in runner.calls[:4]] == [1e-3, 3e-3, 1e-2, 3e-4]
+    inside = FakeRunner(select=lambda s: abs(s.lr - 3e-3), report=lambda s: 1.0)
+    assert protocol(tmp_path / "b", inside, extend=2).model("m")["at_edge"] is False
+    assert len(inside.calls) == 3 + 2  # no extension when the best rate is inside the grid

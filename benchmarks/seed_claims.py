@@ -26,6 +26,7 @@ monarch and pixelfly families (whatever is missing is reported as such, not gues
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import datetime, timezone
@@ -59,32 +60,57 @@ class ChainLedger:
         return record, skipped
 
 
-def frontier_settings(ledger: Ledger) -> dict:
-    """The protocol settings of the frontier's runs (all of them share steps, batch, data...)."""
+def frontier_settings(ledger: Ledger, frontier: Path | None = None) -> dict:
+    """The protocol settings of the frontier's runs (all of them share steps, batch, data...). The learning-rate
+    grid and its edge extensions come from the frontier's frontier.json when it has one; else the grid is the
+    rates every model ran at seed 0, and extensions are the most any model ran beyond it."""
     specs = [r["spec"] for r in ledger.runs.values() if isinstance(r, dict) and "spec" in r]
     if not specs:
         raise SystemExit(f"{ledger.path} holds no training runs: run `zoo frontier` first")
     s = specs[0]
-    lrs = sorted({x["lr"] for x in specs if x["seed"] == 0})
+    per_model: dict[str, set] = {}
+    for x in specs:
+        if x["seed"] == 0:
+            per_model.setdefault(x["model"], set()).add(x["lr"])
+    lrs = sorted(set.intersection(*per_model.values()))
+    extend = max(len(v) for v in per_model.values()) - len(lrs)
+    report = frontier / "frontier.json" if frontier else None
+    if report and report.is_file():
+        written = json.loads(report.read_text()).get("settings", {})
+        lrs, extend = sorted(written.get("lrs", lrs)), written.get("extend_edges", 0)
     seeds = sorted({x["seed"] for x in specs})
     return {"steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"],
             "data": tuple(s["data"]) if s["data"] else None, "warmup_steps": s["warmup_steps"],
-            "eval_blocks": s["eval_blocks"], "lrs": tuple(lrs), "seeds": tuple(seeds),
+            "eval_blocks": s["eval_blocks"], "lrs": tuple(lrs), "extend_edges": extend, "seeds": tuple(seeds),
             "overrides": {k: v for k, v in s["overrides"]}}
 
 
+class _NotInLedger(Exception):
+    pass
+
+
+class _ReadOnly:
+    """A ledger view whose missing runs raise _NotInLedger instead of training."""
+
+    def __init__(self, ledger):
+        self.runs = ledger.runs
+
+    def run(self, key, fn):
+        if key not in self.runs:
+            raise _NotInLedger(key)
+        return self.runs[key], True
+
+
 def family_result(ledger, protocol: Protocol, model: str, overrides: dict | None = None) -> dict | None:
-    """The frontier-style result of `model` if its sweep and seeds are all in the ledger, else None (the frontier's
-    --set overrides are part of every spec: `overrides` is added to them)."""
+    """The frontier-style result of `model` (the protocol's own choice of rate, edge extensions included) if its
+    sweep and seeds are all in the ledger, else None (the frontier's --set overrides are part of every spec:
+    `overrides` is added to them)."""
     overrides = {**protocol.overrides, **(overrides or {})}
-    sweep = {lr: ledger.runs.get(protocol.spec(model, lr, protocol.seeds[0], overrides).key()) for lr in protocol.lrs}
-    if not all(sweep.values()):
+    reader = dataclasses.replace(protocol, ledger=_ReadOnly(ledger), progress=lambda text: None)
+    try:
+        return reader.model(model, overrides)
+    except _NotInLedger:
         return None
-    lr = min(protocol.lrs, key=lambda x: sweep[x]["select_loss"])
-    runs = [ledger.runs.get(protocol.spec(model, lr, s, overrides).key()) for s in protocol.seeds]
-    if not all(runs):
-        return None
-    return {"lr": lr, "runs": runs}
 
 
 def by_seed(result: dict) -> dict[int, float]:
@@ -197,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     first = Ledger(Path(args.frontier) / "runs.json")
     own = Ledger(out / "runs.json")
     ledger = ChainLedger(first, own)
-    settings = frontier_settings(first)
+    settings = frontier_settings(first, Path(args.frontier))
     protocol = Protocol(ledger=ledger, work=out / "lm", seeds=settings["seeds"], lrs=settings["lrs"],
+                        extend=settings["extend_edges"],
                         steps=settings["steps"], batch_size=settings["batch_size"], seq_len=settings["seq_len"],
                         data=settings["data"], warmup_steps=settings["warmup_steps"],
                         eval_blocks=settings["eval_blocks"], progress=_say)

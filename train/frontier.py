@@ -3,8 +3,9 @@
 1. Trains the model of every LM family at one size (dense, MoE top-2, fine-grained MoE, top-p MoE, each
    attention kind, Monarch, Pixelfly) with the same steps, batch and sequence length (equal tokens) on
    the mixed corpus (train/corpus/mixed.jsonl.gz: no run repeats data): a learning-rate sweep (best of
-   --lrs at the first seed, chosen on the selection half of the held-out blocks), then the other seeds
-   at that rate. Each family is compared with dense, paired by seed, on the report half: the mean
+   --lrs at the first seed, chosen on the selection half of the held-out blocks; while the best is the
+   smallest or largest rate tried, up to --extend-edges more rates beyond it), then the other seeds at
+   that rate. Each family is compared with dense, paired by seed, on the report half: the mean
    difference, its 95% t interval and a verdict.
 2. A training-free frontier, no retraining: the trained dense model with each sparse attention kind at
    3 budgets (the catalog's budget x 0.5, 1, 2), projected onto Monarch matrices (2, 4, 8 blocks) and

@@ -102,3 +102,30 @@ def test_sae_regime_claims_join_the_table_with_their_interval_and_ratio(tmp_path
     assert rows[1]["outcome"].startswith("not resolved") and rows[1]["n"] == 3
     table = claims.markdown(rows, {"steps": 1, "batch_size": 1, "seq_len": 1, "lrs": [1e-3], "seeds": [0]}, [])
     assert "+0.0230 [+0.0218, +0.0241] FVU" in table
+
+
+def test_a_family_whose_sweep_went_past_the_grid_edge_is_read_at_its_extended_rate(tmp_path):
+    # monarch's selection loss keeps falling past the grid's largest rate 1e-2: the frontier tried 3e-2 (and 1e-1)
+    select = {1e-3: 3.0, 3e-3: 2.0, 1e-2: 1.5, 3e-2: 1.0, 1e-1: 1.2}
+
+    def runner(spec, work, keep):
+        family = next(f for f, name in FAMILIES.items() if name.format(size="tiny") == spec.model)
+        best = 3e-2 if family == "monarch" else 3e-3
+        loss = select[spec.lr] if family == "monarch" else (1.0 if spec.lr == best else 3.0)
+        report = 1.5 + spec.seed / 10 - (family == "monarch") * 0.2 if spec.lr == best else 0.5
+        return {"spec": asdict(spec), "select_loss": loss, "report_loss": report, "tokens_per_s": 1.0,
+                "total_params": 1, "final": None, "active_flops_per_token": 1.0}
+
+    frontier = tmp_path / "frontier"
+    proto = P.Protocol(ledger=P.Ledger(frontier / "runs.json"), work=frontier, seeds=(0, 1, 2), extend=2,
+                       lrs=(1e-3, 3e-3, 1e-2), steps=7, batch_size=2, seq_len=16, warmup_steps=1, eval_blocks=4,
+                       progress=lambda s: None, runner=runner)
+    for family in ("dense", "monarch"):
+        proto.model(FAMILIES[family].format(size="tiny"), {})
+    claims = _claims()
+    settings = claims.frontier_settings(P.Ledger(frontier / "runs.json"))  # no frontier.json: from the ledger
+    assert settings["lrs"] == (1e-3, 3e-3, 1e-2) and settings["extend_edges"] == 2
+    assert claims.main(["--frontier", str(frontier), "--out", str(tmp_path / "claims"), "--no-train"]) == 0
+    rows = {r["claim"]: r for r in json.loads((tmp_path / "claims" / "claims.json").read_text())["claims"]}
+    monarch = rows["monarch beats lm-dense-tiny (3.3M params) at equal steps"]
+    assert monarch["mean"] == pytest.approx(-0.2) and monarch["seeds"] == [0, 1, 2]  # 3e-2's runs, not 1e-2's

@@ -306,7 +306,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Time: {t['seconds']:.0f} s this invocation ({t['trained']} runs trained, {t['skipped']} from the "
                   f"ledger); {t['seconds_per_training_run']:.1f} s per training run on average as measured "
                   f"({t['idle_seconds_per_training_run']:.1f} s of CPU time per thread); the "
-                  f"{t['planned_training_runs']} training runs: {t['estimated_training_seconds'] / 60:.0f} min at the "
+                  f"{t.get('training_runs', t['planned_training_runs'])} training runs: "
+                  f"{t['estimated_training_seconds'] / 60:.0f} min at the "
                   f"measured rate, {t['estimated_training_seconds_idle'] / 60:.0f} min on an idle machine with "
                   "perfect thread scaling."]
     return "\n".join(lines)
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     # (perfect thread scaling assumed, so a lower bound); the wall times above are this machine's, as busy as it was.
     idle_per_run = _mean([r.get("cpu_seconds", r["wall_seconds"]) / max(1, min(r.get("threads", 1), os.cpu_count()))
                           for r in measured])
+    n_runs = (protocol.done + protocol.skipped) or planned
     report = {"settings": {**{k: v for k, v in vars(args).items() if k != "overrides"}, "overrides": overrides,
                            "tokens_per_run": args.steps * args.batch_size * args.seq_len},
               "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -450,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
               "missing": missing,
               "timing": {"seconds": time.perf_counter() - started, "trained": protocol.done,
                          "skipped": protocol.skipped, "planned_training_runs": planned,
+                         "training_runs": n_runs,  # the planned ones and the sweeps' edge extensions
                          "seconds_per_training_run": per_run, "idle_seconds_per_training_run": idle_per_run,
-                         "estimated_training_seconds": planned * per_run,
-                         "estimated_training_seconds_idle": planned * idle_per_run,
+                         "estimated_training_seconds": n_runs * per_run,
+                         "estimated_training_seconds_idle": n_runs * idle_per_run,
                          "per_family_seconds": {f: _mean([r["wall_seconds"] for r in res["runs"]])
                                                 for f, res in results.items()},
                          "per_family_cpu_seconds": {f: _mean([r.get("cpu_seconds", math.nan) for r in res["runs"]])

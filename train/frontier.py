@@ -18,7 +18,7 @@ installed) of the held-out loss against active forward FLOPs per token and again
 tokens/s, the training-free curves and FVU against L0. Finished runs are kept in OUT/runs.json and skipped
 when the command is run again with the same settings, so an interrupted frontier resumes.
 
-    zoo frontier                                        # the full tiny frontier (~2 h on 2 CPU cores)
+    zoo frontier                                        # the full tiny frontier (1 h 50 min on 2 CPU cores)
     zoo frontier --families dense moe local --seeds 2 --steps 20   # a smoke run
     zoo frontier --size small                           # on a GPU
 """

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.frontier import FAMILIES  # noqa: E402
+from train.frontier import FAMILIES, Missing, ReadOnlyLedger  # noqa: E402
 from train.protocol import Ledger, Protocol, held_out_losses, paired_difference, train_run, verdict  # noqa: E402
 
 EQUAL_PARAMS_DENSE = {"d_model": 128}  # 0.89M parameters: the structured tiny LMs have 0.83-0.91M
@@ -85,31 +85,15 @@ def frontier_settings(ledger: Ledger, frontier: Path | None = None) -> dict:
             "overrides": {k: v for k, v in s["overrides"]}}
 
 
-class _NotInLedger(Exception):
-    pass
-
-
-class _ReadOnly:
-    """A ledger view whose missing runs raise _NotInLedger instead of training."""
-
-    def __init__(self, ledger):
-        self.runs = ledger.runs
-
-    def run(self, key, fn):
-        if key not in self.runs:
-            raise _NotInLedger(key)
-        return self.runs[key], True
-
-
 def family_result(ledger, protocol: Protocol, model: str, overrides: dict | None = None) -> dict | None:
     """The frontier-style result of `model` (the protocol's own choice of rate, edge extensions included) if its
     sweep and seeds are all in the ledger, else None (the frontier's --set overrides are part of every spec:
     `overrides` is added to them)."""
     overrides = {**protocol.overrides, **(overrides or {})}
-    reader = dataclasses.replace(protocol, ledger=_ReadOnly(ledger), progress=lambda text: None)
+    reader = dataclasses.replace(protocol, ledger=ReadOnlyLedger(ledger), progress=lambda text: None)
     try:
         return reader.model(model, overrides)
-    except _NotInLedger:
+    except Missing:
         return None
 
 

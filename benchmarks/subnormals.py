@@ -8,6 +8,7 @@ seed 0, the mixed corpus, 2 threads). Prints tokens/s, training seconds and the 
 trainer flushes subnormals itself while it trains, so flush 0 patches that out for the comparison.
 """
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -25,7 +26,7 @@ def main() -> None:
     flush, model, lr = sys.argv[1] == "1", sys.argv[2], float(sys.argv[3])
     torch.set_num_threads(2)
     if not flush:
-        trainer.flushing_subnormals = lambda device: __import__("contextlib").nullcontext()
+        trainer.flushing_subnormals = lambda device: contextlib.nullcontext()
     spec = RunSpec(model=model, lr=lr, seed=0, steps=150, batch_size=8, seq_len=256,
                    data=(str(ROOT / "train" / "corpus" / "mixed.jsonl.gz"),), warmup_steps=15, eval_blocks=128)
     with tempfile.TemporaryDirectory() as work:

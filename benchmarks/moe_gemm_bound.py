@@ -13,9 +13,11 @@ d down-weight, d act, d gate-weight, d up-weight and two into d rows backward, e
 - `layer`: the zoo MoE layer itself (forward + backward, its CPU default path).
 
 Each is reported as expert-GEMM FLOPs per CPU-second (all threads) against the reference; the layer also
-as a fraction of the `gemms` time (how much of it is GEMM).
+as a fraction of the `gemms` time (how much of it is GEMM). With --profile, then a torch.profiler table of
+the layer alone over 3 forward + backward steps (self CPU time per op: the wall-time split).
 
     python benchmarks/moe_gemm_bound.py --rounds 5 --json benchmarks/results/moe_gemm_bound.json
+    python benchmarks/moe_gemm_bound.py --rounds 1 --profile
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write every measurement here")
+    p.add_argument("--profile", action="store_true", help="then profile the layer alone (3 steps, torch.profiler)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -121,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  layer / gemms (CPU, paired per round): {min(paired):.2f}-{max(paired):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                layer_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
     return 0
 
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `import zoo` sets it (zoo/__init__.py); 0 opts out
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_speed import HIDDEN, TOKENS, make_block, make_runner, matmul_flops_per_cpu_second  # noqa: E402
@@ -113,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     of_peak = {name: flops / statistics.median(ts) / ref for name, ts in cpu.items()}
     paired = [lay / gem for lay, gem in zip(cpu["layer"], cpu["gemms"], strict=True)]
     result = {"size": [args.experts, args.k, args.width], "hidden": HIDDEN, "tokens": TOKENS, "threads": args.threads,
+              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
               "rows_per_expert": {"min": min(rows), "median": statistics.median(rows), "max": max(rows)},
               "expert_gemm_flops": flops, "reference_flops_per_cpu_s": refs, "cpu_seconds": cpu,
               "of_peak_per_cpu_s": of_peak, "layer_over_gemms_cpu": paired,
               "layer_path": getattr(layer.experts, "last_impl", None)}
     print(f"({args.experts}, {args.k}, {args.width}), hidden {HIDDEN}, {TOKENS} tokens, {args.threads} threads, "
-          f"{args.rounds} rounds; rows per expert {min(rows)}-{max(rows)}; reference {ref / 1e9:.1f} GFLOP/CPU-s")
+          f"{args.rounds} rounds, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']};\n"
+          f"  rows per expert {min(rows)}-{max(rows)}; reference {ref / 1e9:.1f} GFLOP/CPU-s")
     for name in sides:
         print(f"  {name:8s} {statistics.median(cpu[name]) * 1e3:8.1f} ms CPU   {of_peak[name]:6.1%} of the reference")
     print(f"  layer / gemms (CPU, paired per round): {min(paired):.2f}-{max(paired):.2f}")

@@ -32,7 +32,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `import zoo` sets it (zoo/__init__.py); 0 opts out
+import torch  # noqa: E402
 
 HIDDEN, TOKENS = 512, 4096
 SIZES = [(8, 2, 1024), (64, 8, 256)]
@@ -233,6 +234,7 @@ def machine() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "loadavg_start": os.getloadavg()}
 
 

@@ -6,8 +6,12 @@ Set ZOO_FORCE_REFERENCE=1 to run the reference everywhere (parity tests, debuggi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import torch
@@ -91,6 +95,69 @@ def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, cap
     if grouped_ok and (x.is_cuda or (rows is not None and rows <= CPU_GROUPED_MAX_ROWS and capacity is None)):
         return "grouped"
     return "tiered" if x.is_cuda else "fused"
+
+
+def cpu_expert_workers(x: torch.Tensor, busy_experts: int) -> int:
+    """Threads the fused CPU MoE path splits its experts over: torch's intra-op threads (at most one per expert
+    with rows), each thread then running its experts' GEMMs and elementwise passes on one core.
+
+    At (64, 8, 256) on 2 cores this cut a forward + backward's CPU time by 13-18% and its wall time by 7-13%
+    against every op using both threads (OpenMP's fork / join and spinning around ~30 small ops per expert):
+    BENCHMARKS.md, issue 18 item 4. 1 (no split) off CPU or with one thread.
+    """
+    return 1 if x.device.type != "cpu" else max(1, min(torch.get_num_threads(), busy_experts))
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a fork gets a fresh pool
+_POOL_LOCK = threading.Lock()
+_SPLIT_LOCK = threading.Lock()  # the intra-op thread count is process-wide: one split at a time
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoo-experts"))
+        return _POOL[1]
+
+
+def run_split(work: Callable[[object], None], parts: Sequence[object]) -> None:
+    """work(part) for every part at the same time, each on its own thread with one intra-op thread.
+
+    The calling thread runs parts[0]; its grad / inference mode holds in the helper threads too. torch's intra-op
+    thread count is set to 1 for the duration and restored after (it is process-wide). Every part finishes
+    before the first exception, if any, is raised.
+    """
+    if len(parts) <= 1:
+        for part in parts:
+            work(part)
+        return
+    pool = _pool(len(parts) - 1)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def task(part):
+        with torch.inference_mode() if inference else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+            work(part)
+
+    errors: list[BaseException] = []
+    with _SPLIT_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            futures = [pool.submit(task, part) for part in parts[1:]]
+            try:
+                work(parts[0])
+            except BaseException as e:  # noqa: BLE001  (re-raised below, once the helpers are done)
+                errors.append(e)
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+        finally:
+            torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
 
 
 def local_attention_path(q: torch.Tensor, key_padding_mask: torch.Tensor | None) -> str:

@@ -13,7 +13,9 @@ Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
   when a few experts are overloaded, at the price of copying those experts' weights.
 - "fused": the grouped rows, one expert at a time, each expert's gather, three GEMMs, SwiGLU and
   outputs kept in cache; the (R, d) gathered inputs are never written, and the weighted sums over a
-  token's slots are one embedding_bag (the CPU path at training sizes).
+  token's slots are one embedding_bag (the CPU path at training sizes). With N intra-op threads the
+  experts are split in N parts of about equal rows, run at once on one thread each
+  (`layers.kernels.run_split`).
 - "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors
   when installed; grouped on other CUDA bf16 tensors and on CPU for decoding sizes; else fused on CPU
   (tiered on CUDA). The choice is made in `layers.kernels.moe_experts_layout`, the one place that picks
@@ -107,36 +109,58 @@ def _expert_bounds(plan: DispatchPlan) -> list[tuple[int, int, int]]:
     return [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if t > s]
 
 
+def _split_bounds(bounds: list[tuple[int, int, int]], n: int) -> list[list[tuple[int, int, int]]]:
+    """The experts in n parts of about equal rows (largest first, each to the lightest part), for n threads."""
+    if n <= 1:
+        return [bounds]
+    parts: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+    rows = [0] * n
+    for b in sorted(bounds, key=lambda b: b[1] - b[2]):
+        i = rows.index(min(rows))
+        parts[i].append(b)
+        rows[i] += b[2] - b[1]
+    return [p for p in parts if p]
+
+
 class _FusedSwiGLUExpertsFn(torch.autograd.Function):
     """x (T, d), weights (T, K) -> (T, d): gather, the three projections, SwiGLU and the weighted sum, per expert.
 
     The CPU fast path ("fused"): one expert at a time, so that its rows (about 1 MiB at the fine-grained
     sizes), hidden activations and outputs stay in cache between the gather, the GEMMs, the elementwise
-    SwiGLU and the scatter-add into the output; the (R, d) gathered inputs are never materialised (the
-    backward gathers them again from x). Saved: the gate / up pre-activations and the expert outputs
-    (for the routing weights' gradient). Same semantics as dispatch -> _SwiGLUExpertsFn -> combine.
+    SwiGLU and the weighted sum. Each of torch's intra-op threads takes a share of the experts
+    (kernels.cpu_expert_workers) and runs them one-threaded, which spares ~30 OpenMP fork / joins per
+    expert. Saved: the gathered expert inputs and the gate / up pre-activations (the routing weights'
+    gradient comes from the hidden activations, so the expert outputs are not kept). Same semantics as
+    dispatch -> _SwiGLUExpertsFn -> combine.
     """
 
     @staticmethod
     def forward(ctx, x, weights, w_gate, w_up, w_down, plan: DispatchPlan, save: bool):
         bounds = _expert_bounds(plan)
+        parts = _split_bounds(bounds, kernels.cpu_expert_workers(x, len(bounds)))
         n_rows, width = plan.num_rows, w_gate.shape[1]
+        rows = x.new_empty(n_rows, x.shape[1]) if save else None  # the expert inputs, for the weight gradients
         gate = x.new_empty(n_rows, width) if save else None
         up = x.new_empty(n_rows, width) if save else None
         y = x.new_empty(n_rows, x.shape[1])  # expert outputs, before the routing weights
-        for e, s, t in bounds:
-            xe = x.index_select(0, plan.row_token[s:t])
-            g_e = torch.mm(xe, w_gate[e].t(), out=gate[s:t]) if save else xe @ w_gate[e].t()
-            u_e = torch.mm(xe, w_up[e].t(), out=up[s:t]) if save else xe @ w_up[e].t()
-            torch.mm(F.silu(g_e).mul_(u_e), w_down[e], out=y[s:t])
+
+        def experts_forward(part):
+            for e, s, t in part:
+                tok = plan.row_token[s:t]
+                xe = torch.index_select(x, 0, tok, out=rows[s:t]) if save else x.index_select(0, tok)
+                g_e = torch.mm(xe, w_gate[e].t(), out=gate[s:t]) if save else xe @ w_gate[e].t()
+                u_e = torch.mm(xe, w_up[e].t(), out=up[s:t]) if save else xe @ w_up[e].t()
+                torch.mm(F.silu(g_e).mul_(u_e), w_down[e], out=y[s:t])
+
+        kernels.run_split(experts_forward, parts)
         if save:
-            ctx.plan, ctx.bounds = plan, bounds
-            ctx.save_for_backward(x, weights, w_gate, w_up, w_down, gate, up, y)
+            ctx.plan, ctx.bounds, ctx.parts = plan, bounds, parts
+            ctx.save_for_backward(weights, w_gate, w_up, w_down, rows, gate, up)
         return sum_slots(y, plan, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
+        weights, w_gate, w_up, w_down, rows, gate, up = ctx.saved_tensors
         plan = ctx.plan
         grad_out = grad_out.contiguous()
         grad_w_gate, grad_w_up, grad_w_down = grads_w = [torch.empty_like(w) for w in (w_gate, w_up, w_down)]
@@ -145,23 +169,26 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
             g[idle] = 0  # experts without rows
         w_rows = torch.cat([weights.flatten(), weights.new_zeros(1)])[plan.row_assignment]  # (R,)
         grad_w_rows = w_rows.new_empty(w_rows.shape)  # d loss / d routing weight of each row
-        grad_rows = torch.empty_like(y)  # d loss / d expert input of each row
-        for e, s, t in ctx.bounds:
-            tok = plan.row_token[s:t]
-            g_e = grad_out.index_select(0, tok)  # (rows, d): d loss / d out at each row's token
-            grad_w_rows[s:t] = torch.linalg.vecdot(g_e, y[s:t])
-            g_e.mul_(w_rows[s:t, None])  # d loss / d y
-            gate_e, up_e = gate[s:t], up[s:t]
-            silu = F.silu(gate_e)
-            act = silu * up_e  # recomputed SwiGLU product
-            torch.mm(act.t(), g_e, out=grad_w_down[e])
-            grad_act = g_e @ w_down[e].t()  # (rows, width)
-            grad_up = torch.mul(grad_act, silu, out=act)
-            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up_e), gate_e, grad_input=silu)
-            xe = x.index_select(0, tok)
-            torch.mm(grad_gate.t(), xe, out=grad_w_gate[e])
-            torch.mm(grad_up.t(), xe, out=grad_w_up[e])
-            torch.mm(grad_gate, w_gate[e], out=grad_rows[s:t]).addmm_(grad_up, w_up[e])
+        grad_rows = torch.empty_like(rows)  # d loss / d expert input of each row
+
+        def experts_backward(part):
+            for e, s, t in part:
+                g_e = grad_out.index_select(0, plan.row_token[s:t])  # (rows, d): d loss / d out at each row's token
+                w_e, gate_e, up_e, xe = w_rows[s:t, None], gate[s:t], up[s:t], rows[s:t]
+                silu = F.silu(gate_e)
+                act = silu * up_e  # recomputed SwiGLU product h
+                grad_act = g_e @ w_down[e].t()  # (rows, width): d loss / d h, before the routing weight
+                # d loss / d routing weight = <g, h @ w_down> = <g @ w_down.T, h>: width-long dots, y never kept
+                torch.linalg.vecdot(grad_act, act, out=grad_w_rows[s:t])
+                torch.mm(act.mul_(w_e).t(), g_e, out=grad_w_down[e])
+                grad_act.mul_(w_e)
+                grad_up = torch.mul(grad_act, silu, out=act)
+                grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up_e), gate_e, grad_input=silu)
+                torch.mm(grad_gate.t(), xe, out=grad_w_gate[e])
+                torch.mm(grad_up.t(), xe, out=grad_w_up[e])
+                torch.mm(grad_gate, w_gate[e], out=grad_rows[s:t]).addmm_(grad_up, w_up[e])
+
+        kernels.run_split(experts_backward, ctx.parts)
         grad_x = sum_slots(grad_rows, plan)
         grad_weights = w_rows.new_zeros(plan.num_tokens * plan.num_slots)  # dropped / unused slots: 0
         grad_weights[plan.row_assignment] = grad_w_rows

@@ -84,3 +84,61 @@ def test_auto_takes_fused_on_cpu_at_training_sizes_only():
     assert kernels.moe_experts_layout(x, "auto", 512, 256, None, rows=4096) == "fused"
     assert kernels.moe_experts_layout(x, "auto", 512, 256, 64, rows=4096) == "fused"  # with a capacity too
     assert kernels.moe_experts_layout(x, "fused", 512, 256, None, rows=8) == "fused"
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradients(two_threads, monkeypatch):
+    parts_seen = []
+    real = kernels.run_split
+
+    def spy(work, parts):
+        parts_seen.append([[e for e, _, _ in part] for part in parts])
+        return real(work, parts)
+
+    monkeypatch.setattr(kernels, "run_split", spy)
+    m = make()
+    weights, experts = routing(seed=11)
+    x = torch.randn(40, 16, requires_grad=True)
+    weights.requires_grad_()
+    out, _ = m(x, weights, experts)
+    ref = per_token(m, x, weights, experts)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    params = [x, weights, m.w_gate, m.w_up, m.w_down]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # forward and backward each ran the four busy experts in two parts, every expert exactly once
+    assert len(parts_seen) == 2 and all(len(p) == 2 and sorted(sum(p, [])) == [0, 1, 2, 3] for p in parts_seen)
+    assert torch.get_num_threads() == 2  # the process-wide thread count is restored
+
+
+def test_fused_split_runs_under_inference_mode(two_threads):
+    m = make()
+    weights, experts = routing(seed=13)
+    x = torch.randn(40, 16)
+    with torch.inference_mode():
+        out, _ = m(x, weights, experts)
+    with torch.no_grad():
+        torch.testing.assert_close(out, per_token(m, x, weights, experts), atol=1e-5, rtol=1e-5)
+
+
+def test_split_bounds_balances_rows_and_keeps_every_expert_once():
+    from layers.moe.experts import _split_bounds
+
+    sizes = [90, 10, 40, 40, 30, 30, 5, 60]
+    bounds, start = [], 0
+    for e, n in enumerate(sizes):
+        bounds.append((e, start, start + n))
+        start += n
+    parts = _split_bounds(bounds, 3)
+    assert sorted(b for p in parts for b in p) == bounds
+    loads = [sum(t - s for _, s, t in p) for p in parts]
+    assert max(loads) - min(loads) <= max(sizes)  # greedy on sorted sizes: within one expert of even
+    assert _split_bounds(bounds, 1) == [bounds] and len(_split_bounds(bounds[:2], 4)) == 2

@@ -7,13 +7,15 @@ d down-weight, d act, d gate-weight, d up-weight and two into d rows backward, e
 
 - `reference`: 1024^3 fp32 matmuls, the "peak" every of-peak number in BENCHMARKS.md divides by;
 - `gemms`: only those nine GEMMs per expert, on preallocated contiguous operands of the real shapes (no
-  gather, no SwiGLU, no scatter): the most the fused path could reach if everything else were free;
+  gather, no SwiGLU, no scatter), one expert after another with all threads;
+- `gemms-split`: the same, with the experts split over the threads as the fused path runs them (each thread
+  one-threaded, `layers.kernels.run_split`): the most the fused path could reach if everything else were free;
 - `stacked`: the same FLOPs as three calls per projection over ALL rows at once (as if every expert's rows
   shared one weight): what "bigger GEMM calls" would buy at most;
 - `layer`: the zoo MoE layer itself (forward + backward, its CPU default path).
 
 Each is reported as expert-GEMM FLOPs per CPU-second (all threads) against the reference; the layer also
-as a fraction of the `gemms` time (how much of it is GEMM). With --profile, then a torch.profiler table of
+as a multiple of the `gemms-split` time (how much of it is GEMM). With --profile, then a torch.profiler table of
 the layer alone over 3 forward + backward steps (self CPU time per op: the wall-time split).
 
     python benchmarks/moe_gemm_bound.py --rounds 5 --json benchmarks/results/moe_gemm_bound.json
@@ -35,6 +37,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_speed import HIDDEN, TOKENS, make_block, make_runner, matmul_flops_per_cpu_second  # noqa: E402
+
+from layers import kernels  # noqa: E402
+from layers.moe.experts import _split_bounds  # noqa: E402
 
 
 def routed_rows(block, x: torch.Tensor, k: int) -> list[int]:
@@ -63,6 +68,15 @@ def run_gemms(ops: list[dict]) -> None:
         torch.mm(o["g"].t(), o["x"], out=o["dwg"])  # d w_gate
         torch.mm(o["h"].t(), o["x"], out=o["dwu"])  # d w_up
         torch.mm(o["g"], o["wg"], out=o["dx"]).addmm_(o["h"], o["wu"])  # d rows
+
+
+def split_ops(ops: list[dict], n: int) -> list[list[dict]]:
+    """The experts' operands in the fused path's n parts (layers/moe/experts.py, _split_bounds)."""
+    bounds, start = [], 0
+    for e, o in enumerate(ops):
+        bounds.append((e, start, start + o["x"].shape[0]))
+        start = bounds[-1][2]
+    return [[ops[e] for e, _, _ in part] for part in _split_bounds(bounds, n)]
 
 
 def stacked_operands(total_rows: int, d: int, width: int) -> dict:
@@ -101,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         for q in (*layer.parameters(), x):
             q.grad = None
 
-    sides = {"gemms": lambda: run_gemms(ops), "stacked": lambda: run_gemms([stacked]), "layer": layer_step}
+    parts = split_ops(ops, kernels.cpu_expert_workers(x, len(ops), sum(rows)))
+    sides = {"gemms": lambda: run_gemms(ops), "gemms-split": lambda: kernels.run_split(run_gemms, parts),
+             "stacked": lambda: run_gemms([stacked]), "layer": layer_step}
     for fn in sides.values():  # warm-up
         fn()
     cpu = {name: [] for name in sides}
@@ -113,19 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         refs.append(matmul_flops_per_cpu_second())
     ref = statistics.median(refs)
     of_peak = {name: flops / statistics.median(ts) / ref for name, ts in cpu.items()}
-    paired = [lay / gem for lay, gem in zip(cpu["layer"], cpu["gemms"], strict=True)]
+    paired = [lay / gem for lay, gem in zip(cpu["layer"], cpu["gemms-split"], strict=True)]
     result = {"size": [args.experts, args.k, args.width], "hidden": HIDDEN, "tokens": TOKENS, "threads": args.threads,
               "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
               "rows_per_expert": {"min": min(rows), "median": statistics.median(rows), "max": max(rows)},
               "expert_gemm_flops": flops, "reference_flops_per_cpu_s": refs, "cpu_seconds": cpu,
-              "of_peak_per_cpu_s": of_peak, "layer_over_gemms_cpu": paired,
+              "of_peak_per_cpu_s": of_peak, "layer_over_gemms_split_cpu": paired,
               "layer_path": getattr(layer.experts, "last_impl", None)}
     print(f"({args.experts}, {args.k}, {args.width}), hidden {HIDDEN}, {TOKENS} tokens, {args.threads} threads, "
           f"{args.rounds} rounds, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']};\n"
           f"  rows per expert {min(rows)}-{max(rows)}; reference {ref / 1e9:.1f} GFLOP/CPU-s")
     for name in sides:
-        print(f"  {name:8s} {statistics.median(cpu[name]) * 1e3:8.1f} ms CPU   {of_peak[name]:6.1%} of the reference")
-    print(f"  layer / gemms (CPU, paired per round): {min(paired):.2f}-{max(paired):.2f}")
+        print(f"  {name:11s} {statistics.median(cpu[name]) * 1e3:8.1f} ms CPU   {of_peak[name]:6.1%} of the reference")
+    print(f"  layer / gemms-split (CPU, paired per round): median {statistics.median(paired):.2f}, "
+          f"{min(paired):.2f}-{max(paired):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.profile:

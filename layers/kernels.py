@@ -97,15 +97,24 @@ def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, cap
     return "tiered" if x.is_cuda else "fused"
 
 
-def cpu_expert_workers(x: torch.Tensor, busy_experts: int) -> int:
+# Below this many rows per busy expert the fused CPU MoE path runs its experts on one thread with every op
+# multi-threaded: tiny ops on two Python threads queue for the GIL (at (64, 8, 256) a 64-token forward took
+# 18 ms split against 14 ms not; from ~64 rows per expert the split is faster: 31 against 38 ms at 512 tokens).
+CPU_SPLIT_MIN_ROWS = 32
+
+
+def cpu_expert_workers(x: torch.Tensor, busy_experts: int, rows: int) -> int:
     """Threads the fused CPU MoE path splits its experts over: torch's intra-op threads (at most one per expert
     with rows), each thread then running its experts' GEMMs and elementwise passes on one core.
 
     At (64, 8, 256) on 2 cores this cut a forward + backward's CPU time by 13-18% and its wall time by 7-13%
     against every op using both threads (OpenMP's fork / join and spinning around ~30 small ops per expert):
-    BENCHMARKS.md, issue 18 item 4. 1 (no split) off CPU or with one thread.
+    BENCHMARKS.md, issue 18 item 4. 1 (no split) off CPU, with one thread, or below CPU_SPLIT_MIN_ROWS rows
+    per busy expert.
     """
-    return 1 if x.device.type != "cpu" else max(1, min(torch.get_num_threads(), busy_experts))
+    if x.device.type != "cpu" or busy_experts == 0 or rows < CPU_SPLIT_MIN_ROWS * busy_experts:
+        return 1
+    return max(1, min(torch.get_num_threads(), busy_experts))
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a fork gets a fresh pool

@@ -137,7 +137,7 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w_gate, w_up, w_down, plan: DispatchPlan, save: bool):
         bounds = _expert_bounds(plan)
-        parts = _split_bounds(bounds, kernels.cpu_expert_workers(x, len(bounds)))
+        parts = _split_bounds(bounds, kernels.cpu_expert_workers(x, len(bounds), plan.num_rows))
         n_rows, width = plan.num_rows, w_gate.shape[1]
         rows = x.new_empty(n_rows, x.shape[1]) if save else None  # the expert inputs, for the weight gradients
         gate = x.new_empty(n_rows, width) if save else None

@@ -62,8 +62,11 @@ def test_an_error_in_a_helper_is_raised_after_every_part_finished_and_threads_re
     assert sorted(finished) == ["slow", "slow2"] and torch.get_num_threads() == 2
 
 
-def test_workers_are_one_off_cpu_and_at_most_the_busy_experts(two_threads):
+def test_workers_are_one_off_cpu_below_the_row_threshold_and_at_most_the_busy_experts(two_threads):
     x = torch.zeros(1)
-    assert kernels.cpu_expert_workers(x, 64) == 2 and kernels.cpu_expert_workers(x, 1) == 1
+    enough = kernels.CPU_SPLIT_MIN_ROWS * 64
+    assert kernels.cpu_expert_workers(x, 64, enough) == 2 and kernels.cpu_expert_workers(x, 1, 4096) == 1
+    assert kernels.cpu_expert_workers(x, 64, enough - 1) == 1  # small batches: tiny ops would queue for the GIL
+    assert kernels.cpu_expert_workers(x, 0, 0) == 1
     torch.set_num_threads(1)
-    assert kernels.cpu_expert_workers(x, 64) == 1
+    assert kernels.cpu_expert_workers(x, 64, enough) == 1

@@ -104,8 +104,8 @@ def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradien
 
     monkeypatch.setattr(kernels, "run_split", spy)
     m = make()
-    weights, experts = routing(seed=11)
-    x = torch.randn(40, 16, requires_grad=True)
+    weights, experts = routing(t=200, seed=11)  # ~120 rows per busy expert: above kernels.CPU_SPLIT_MIN_ROWS
+    x = torch.randn(200, 16, requires_grad=True)
     weights.requires_grad_()
     out, _ = m(x, weights, experts)
     ref = per_token(m, x, weights, experts)
@@ -117,12 +117,15 @@ def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradien
     # forward and backward each ran the four busy experts in two parts, every expert exactly once
     assert len(parts_seen) == 2 and all(len(p) == 2 and sorted(sum(p, [])) == [0, 1, 2, 3] for p in parts_seen)
     assert torch.get_num_threads() == 2  # the process-wide thread count is restored
+    parts_seen.clear()
+    m(x[:40], weights[:40], experts[:40])  # ~24 rows per expert: below the threshold, one part
+    assert [len(p) for p in parts_seen] == [1]
 
 
 def test_fused_split_runs_under_inference_mode(two_threads):
     m = make()
-    weights, experts = routing(seed=13)
-    x = torch.randn(40, 16)
+    weights, experts = routing(t=200, seed=13)
+    x = torch.randn(200, 16)
     with torch.inference_mode():
         out, _ = m(x, weights, experts)
     with torch.no_grad():

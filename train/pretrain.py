@@ -8,6 +8,7 @@ Every error is one line on stderr, without a traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ def _main(argv: list[str] | None, run: dict) -> int:
     prog = "zoo train" if argv is not None else "python -m train.pretrain"
     previous = _stop_outside_the_loop(prog, run)
     try:
+        importlib.import_module("zoo")  # before torch loads: zoo/__init__.py sets torch's CPU allocator default
         import torch.distributed as dist
 
         from train.checkpoint import CheckpointWriteError

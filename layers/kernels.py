@@ -11,7 +11,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import cache
 
 import torch
@@ -98,8 +98,9 @@ def moe_experts_layout(x: torch.Tensor, impl: str, d_model: int, width: int, cap
 
 
 # Below this many rows per busy expert the fused CPU MoE path runs its experts on one thread with every op
-# multi-threaded: tiny ops on two Python threads queue for the GIL (at (64, 8, 256) a 64-token forward took
-# 18 ms split against 14 ms not; from ~64 rows per expert the split is faster: 31 against 38 ms at 512 tokens).
+# multi-threaded: tiny ops on two Python threads queue for the GIL. At (64, 8, 256), forward only: 8 rows per
+# expert (64 tokens) took 18 ms split against 14 ms not; at 32 (256 tokens) the two were even (31 / 30 ms); at 64
+# (512 tokens) the split was faster (31 against 38 ms).
 CPU_SPLIT_MIN_ROWS = 32
 
 
@@ -133,9 +134,12 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def run_split(work: Callable[[object], None], parts: Sequence[object]) -> None:
     """work(part) for every part at the same time, each on its own thread with one intra-op thread.
 
-    The calling thread runs parts[0]; its grad / inference mode holds in the helper threads too. torch's intra-op
-    thread count is set to 1 for the duration and restored after (it is process-wide). Every part finishes
-    before the first exception, if any, is raised.
+    The calling thread runs parts[0]. The helper threads get its grad and inference modes (not autocast or
+    dispatch modes: the fused MoE path calls this with autocast off). torch's intra-op thread count is 1 for
+    the duration, on every thread, and the caller's count is restored after. Every part finishes before the
+    first exception, if any, is raised (a Ctrl-C while waiting too: the helpers write into shared buffers).
+    Not reentrant: `work` must not call run_split (cpu_expert_workers is 1 inside a split, so the MoE path
+    never does).
     """
     if len(parts) <= 1:
         for part in parts:
@@ -145,24 +149,28 @@ def run_split(work: Callable[[object], None], parts: Sequence[object]) -> None:
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def task(part):
+        torch.set_num_threads(1)  # this thread's own OpenMP / MKL count: a thread keeps the count it first used
         with torch.inference_mode() if inference else contextlib.nullcontext(), torch.set_grad_enabled(grad):
             work(part)
 
     errors: list[BaseException] = []
+    futures: list[Future] = []
     with _SPLIT_LOCK:
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
-            futures = [pool.submit(task, part) for part in parts[1:]]
+            torch.set_num_threads(1)
+            futures.extend(pool.submit(task, part) for part in parts[1:])
             try:
                 work(parts[0])
             except BaseException as e:  # noqa: BLE001  (re-raised below, once the helpers are done)
                 errors.append(e)
-            for f in futures:
+            while True:
                 try:
-                    f.result()
-                except BaseException as e:  # noqa: BLE001
+                    wait(futures)
+                    break
+                except BaseException as e:  # noqa: BLE001  (e.g. Ctrl-C: still wait for the helpers)
                     errors.append(e)
+            errors.extend(e for e in (f.exception() for f in futures) if e is not None)
         finally:
             torch.set_num_threads(threads)
     if errors:

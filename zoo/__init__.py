@@ -3,10 +3,11 @@
 Importing zoo also registers the zoo's configs with transformers' AutoConfig and
 AutoModelForCausalLM, so that their `from_pretrained` reads zoo checkpoint folders.
 
-On Linux, importing zoo before torch also asks torch for transparent huge pages on its large CPU tensors
-(`THP_MEM_ALLOC_ENABLE=1`, read once when torch loads; set it to 0 to opt out): without them every fresh
-large buffer costs a page fault per 4 KiB, which took a fifth to a third of a fine-grained MoE layer's CPU
-time here (BENCHMARKS.md, issue 18 item 4).
+Importing zoo before torch also asks torch for transparent huge pages on its large CPU tensors (on Linux):
+it sets `THP_MEM_ALLOC_ENABLE=1` in this process's environment (so child processes inherit it) unless it is
+set already; torch reads it once, when it loads, so importing zoo after torch changes nothing, and 0 opts
+out. Without huge pages every fresh large buffer costs a page fault per 4 KiB: 8-18% of a fine-grained MoE
+layer's CPU time here (BENCHMARKS.md, issue 18 item 4).
 """
 
 import os as _os

@@ -12,8 +12,8 @@ Execution (`impl`; the row layouts are described in layers/moe/dispatch.py):
 - "tiered": padded rows in a few tiers, one bmm each (see layers/moe/dispatch.py): padding stays small
   when a few experts are overloaded, at the price of copying those experts' weights.
 - "fused": the grouped rows, one expert at a time, each expert's gather, three GEMMs, SwiGLU and
-  outputs kept in cache; the (R, d) gathered inputs are never written, and the weighted sums over a
-  token's slots are one embedding_bag (the CPU path at training sizes). With N intra-op threads the
+  outputs kept in cache (the gathered inputs are written only to be saved for the backward), and the
+  weighted sums over a token's slots are one embedding_bag (the CPU path at training sizes). With N intra-op threads the
   experts are split in N parts of about equal rows, run at once on one thread each
   (`layers.kernels.run_split`).
 - "auto" (default): megablocks' dMoE kernels (gather, grouped GEMM, scatter) on CUDA bf16/fp16 tensors

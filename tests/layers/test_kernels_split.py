@@ -70,3 +70,17 @@ def test_workers_are_one_off_cpu_below_the_row_threshold_and_at_most_the_busy_ex
     assert kernels.cpu_expert_workers(x, 0, 0) == 1
     torch.set_num_threads(1)
     assert kernels.cpu_expert_workers(x, 64, enough) == 1
+
+
+def test_an_error_in_the_callers_own_part_still_waits_for_the_helpers(two_threads):
+    finished = []
+
+    def work(part):
+        if part == "mine":
+            raise RuntimeError("caller's part failed")
+        time.sleep(0.1)
+        finished.append(part)
+
+    with pytest.raises(RuntimeError, match="caller's part"):
+        kernels.run_split(work, ["mine", "helper"])
+    assert finished == ["helper"] and torch.get_num_threads() == 2

@@ -94,7 +94,9 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradients(two_threads, monkeypatch):
+@pytest.mark.parametrize("capacity", [None, 60])
+def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradients(two_threads, monkeypatch,
+                                                                                  capacity):
     parts_seen = []
     real = kernels.run_split
 
@@ -107,8 +109,9 @@ def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradien
     weights, experts = routing(t=200, seed=11)  # ~120 rows per busy expert: above kernels.CPU_SPLIT_MIN_ROWS
     x = torch.randn(200, 16, requires_grad=True)
     weights.requires_grad_()
-    out, _ = m(x, weights, experts)
-    ref = per_token(m, x, weights, experts)
+    out, plan = m(x, weights, experts, capacity)
+    assert (capacity is None) == bool(plan.kept[experts >= 0].all())  # capacity 60 drops slots
+    ref = per_token(m, x, weights, experts, kept=plan.kept)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     params = [x, weights, m.w_gate, m.w_up, m.w_down]
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))

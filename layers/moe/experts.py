@@ -27,6 +27,7 @@ expert inputs and the two hidden pre-activations are kept, and the SwiGLU produc
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,25 @@ def _expert_bounds(plan: DispatchPlan) -> list[tuple[int, int, int]]:
     return [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if t > s]
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n_rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (n_rows, cols) buffer of this thread, the same one while the shape repeats.
+
+    For the fused path's expert outputs (forward) and row gradients (backward), which are dead when the function
+    returns, so the two share it: a fresh 64 MiB buffer costs ~16,000 page faults (4 KiB pages) a step, and this
+    machine's kernel time on fresh pages drifts (BENCHMARKS.md, issue 18 item 4). One buffer per thread is kept.
+    """
+    key = (n_rows, cols, like.dtype, like.device)
+    if getattr(_SCRATCH, "key", None) != key:
+        _SCRATCH.buf = None  # free the old one first
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            _SCRATCH.buf = torch.empty(n_rows, cols, dtype=like.dtype, device=like.device)
+        _SCRATCH.key = key
+    return _SCRATCH.buf
+
+
 def _split_bounds(bounds: list[tuple[int, int, int]], n: int) -> list[list[tuple[int, int, int]]]:
     """The experts in n parts of about equal rows (largest first, each to the lightest part), for n threads."""
     if n <= 1:
@@ -142,7 +162,7 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
         rows = x.new_empty(n_rows, x.shape[1]) if save else None  # the expert inputs, for the weight gradients
         gate = x.new_empty(n_rows, width) if save else None
         up = x.new_empty(n_rows, width) if save else None
-        y = x.new_empty(n_rows, x.shape[1])  # expert outputs, before the routing weights
+        y = _scratch(n_rows, x.shape[1], x)  # expert outputs, before the routing weights (dead on return)
 
         def experts_forward(part):
             for e, s, t in part:
@@ -169,7 +189,7 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
             g[idle] = 0  # experts without rows
         w_rows = torch.cat([weights.flatten(), weights.new_zeros(1)])[plan.row_assignment]  # (R,)
         grad_w_rows = w_rows.new_empty(w_rows.shape)  # d loss / d routing weight of each row
-        grad_rows = torch.empty_like(rows)  # d loss / d expert input of each row
+        grad_rows = _scratch(*rows.shape, rows)  # d loss / d expert input of each row (dead on return)
 
         def experts_backward(part):
             for e, s, t in part:

@@ -148,3 +148,25 @@ def test_split_bounds_balances_rows_and_keeps_every_expert_once():
     loads = [sum(t - s for _, s, t in p) for p in parts]
     assert max(loads) - min(loads) <= max(sizes)  # greedy on sorted sizes: within one expert of even
     assert _split_bounds(bounds, 1) == [bounds] and len(_split_bounds(bounds[:2], 4)) == 2
+
+
+def test_the_scratch_buffer_is_reused_per_shape_and_survives_inference_mode():
+    from layers.moe.experts import _scratch
+
+    like = torch.zeros(1)
+    with torch.inference_mode():
+        a = _scratch(7, 5, like)
+    assert not a.is_inference()  # written again outside inference mode below
+    assert _scratch(7, 5, like) is a and _scratch(8, 5, like) is not a
+    m = make()
+    weights, experts = routing(seed=17)
+    x = torch.randn(40, 16, requires_grad=True)
+    with torch.inference_mode():
+        first, _ = m(x.detach(), weights, experts)  # the scratch made under inference mode ...
+    out, _ = m(x, weights, experts)  # ... then a training forward and backward of the same shapes
+    out.sum().backward()
+    torch.testing.assert_close(first, out.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(out, per_token(m, x, weights, experts), atol=1e-5, rtol=1e-5)
+    ref_grad = torch.autograd.grad(per_token(m, x, weights, experts).sum(), x)[0]
+    torch.testing.assert_close(x.grad, ref_grad, atol=1e-5, rtol=1e-5)

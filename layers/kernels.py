@@ -115,20 +115,20 @@ def cpu_expert_workers(x: torch.Tensor, busy_experts: int, rows: int) -> int:
     """
     if x.device.type != "cpu" or busy_experts == 0 or rows < CPU_SPLIT_MIN_ROWS * busy_experts:
         return 1
-    return max(1, min(torch.get_num_threads(), busy_experts))
+    return min(torch.get_num_threads(), busy_experts)
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a fork gets a fresh pool
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid that made it, workers, pool): a fork gets a fresh one
 _POOL_LOCK = threading.Lock()
-_SPLIT_LOCK = threading.Lock()  # the intra-op thread count is process-wide: one split at a time
+_SPLIT_LOCK = threading.Lock()  # set_num_threads also sets the count new threads start with: one split at a time
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:
-            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoo-experts"))
-        return _POOL[1]
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+            _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoo-experts"))
+        return _POOL[2]
 
 
 def run_split(work: Callable[[object], None], parts: Sequence[object]) -> None:

@@ -174,7 +174,7 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
 
         kernels.run_split(experts_forward, parts)
         if save:
-            ctx.plan, ctx.bounds, ctx.parts = plan, bounds, parts
+            ctx.plan, ctx.parts = plan, parts
             ctx.save_for_backward(weights, w_gate, w_up, w_down, rows, gate, up)
         return sum_slots(y, plan, weights)
 
@@ -184,7 +184,7 @@ class _FusedSwiGLUExpertsFn(torch.autograd.Function):
         plan = ctx.plan
         grad_out = grad_out.contiguous()
         grad_w_gate, grad_w_up, grad_w_down = grads_w = [torch.empty_like(w) for w in (w_gate, w_up, w_down)]
-        idle = sorted(set(range(w_gate.shape[0])) - {e for e, _, _ in ctx.bounds})
+        idle = sorted(set(range(w_gate.shape[0])) - {e for part in ctx.parts for e, _, _ in part})
         for g in grads_w if idle else ():
             g[idle] = 0  # experts without rows
         w_rows = torch.cat([weights.flatten(), weights.new_zeros(1)])[plan.row_assignment]  # (R,)

@@ -9,14 +9,6 @@ import torch
 from layers import kernels
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_every_part_runs_once_on_its_own_thread_with_one_intra_op_thread(two_threads):
     seen = {}
     lock = threading.Lock()

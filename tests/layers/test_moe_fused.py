@@ -86,14 +86,6 @@ def test_auto_takes_fused_on_cpu_at_training_sizes_only():
     assert kernels.moe_experts_layout(x, "fused", 512, 256, None, rows=8) == "fused"
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("capacity", [None, 60])
 def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradients(two_threads, monkeypatch,
                                                                                   capacity):
@@ -119,7 +111,7 @@ def test_fused_splits_experts_over_two_threads_with_the_loops_values_and_gradien
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # forward and backward each ran the four busy experts in two parts, every expert exactly once
     assert len(parts_seen) == 2 and all(len(p) == 2 and sorted(sum(p, [])) == [0, 1, 2, 3] for p in parts_seen)
-    assert torch.get_num_threads() == 2  # the process-wide thread count is restored
+    assert torch.get_num_threads() == 2  # the caller's thread count is restored
     parts_seen.clear()
     m(x[:40], weights[:40], experts[:40])  # ~24 rows per expert: below the threshold, one part
     assert [len(p) for p in parts_seen] == [1]
